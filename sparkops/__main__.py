@@ -1,0 +1,5 @@
+import sys
+
+from sparkops.cli import main
+
+sys.exit(main())

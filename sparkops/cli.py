@@ -1,0 +1,438 @@
+"""``python -m sparkops``: the command line for agents, scripts and operators.
+
+Thin over the library: parse, call one library function, print. Library errors
+become one line on stderr and an exit code: 0 ok, 1 not found or refused,
+2 bad usage, bad configuration or an unusable database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from sqlalchemy.exc import DBAPIError
+
+from sparkops import __version__, board, queries
+from sparkops.config import SETTINGS, Settings, load_settings, mask_url
+from sparkops.errors import EXIT_REFUSED, EXIT_USAGE, InvalidInput, SparkOpsError, StorageError
+from sparkops.store import Store, open_store
+
+log = logging.getLogger("sparkops")
+
+STATUS_MARK = {
+    "triage": "?", "todo": "·", "scheduled": "⏲", "ready": "▶", "running": "●",
+    "blocked": "■", "review": "◆", "done": "✓", "archived": "x",
+}
+
+
+# -- output helpers -----------------------------------------------------------------
+
+
+def _when(ts: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def _duration(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def _emit(args: argparse.Namespace, value: Any, text: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        _print_json(value)
+    else:
+        text()
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    store = open_store(settings, create=True)
+    try:
+        info = {
+            "config": settings.describe_source(),
+            "board": store.board.display_url,
+            "ops": store.ops.display_url,
+        }
+        _emit(args, info, lambda: print(
+            f"board: {info['board']}\nops:   {info['ops']}\nconfig: {info['config']}\n"
+            "Ready. Create a task with: python -m sparkops task create \"Title\""))
+    finally:
+        store.dispose()
+    return 0
+
+
+def cmd_task_create(args, store: Store) -> int:
+    body = args.body
+    if args.body_file:
+        try:
+            with open(args.body_file, encoding="utf-8") as fh:
+                body = fh.read()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read --body-file {args.body_file}: {exc.strerror}") from exc
+    task_id = board.create_task(
+        store.board, args.title, body=body, assignee=args.assignee, priority=args.priority,
+        parents=args.parent or (), triage=args.triage, created_by=args.created_by,
+        max_runtime_seconds=args.max_runtime, max_retries=args.max_retries,
+        idempotency_key=args.idempotency_key,
+    )
+    _emit(args, queries.get_task(store.board, task_id) if args.json else None,
+          lambda: print(task_id))
+    return 0
+
+
+def cmd_task_list(args, store: Store) -> int:
+    rows = queries.list_tasks(store.board, status=args.status, assignee=args.assignee,
+                              include_archived=args.archived, limit=args.limit)
+
+    def text() -> None:
+        if not rows:
+            print("(no tasks)")
+        for r in rows:
+            print(f"{STATUS_MARK.get(r['status'], ' ')} {r['id']}  {r['status']:<9} "
+                  f"{(r['assignee'] or '(unassigned)'):<20} p{r['priority'] or 0:<3} {r['title']}")
+    _emit(args, rows, text)
+    return 0
+
+
+def cmd_task_show(args, store: Store) -> int:
+    detail = queries.task_detail(store.board, args.task_id)
+
+    def text() -> None:
+        t = detail["task"]
+        print(f"Task {t['id']}: {t['title']}")
+        print(f"  status:    {t['status']}")
+        print(f"  assignee:  {t['assignee'] or '(unassigned)'}")
+        print(f"  priority:  {t['priority'] or 0}")
+        print(f"  created:   {_when(t['created_at'])} by {t['created_by'] or '-'}")
+        print(f"  started:   {_when(t['started_at'])}")
+        print(f"  completed: {_when(t['completed_at'])}")
+        if t["consecutive_failures"]:
+            print(f"  failures:  {t['consecutive_failures']} ({t['last_failure_error'] or ''})")
+        if detail["parents"]:
+            print(f"  parents:   {', '.join(detail['parents'])}")
+        if detail["children"]:
+            print(f"  children:  {', '.join(detail['children'])}")
+        if t["body"]:
+            print(f"\nBody:\n{t['body']}")
+        if t["result"]:
+            print(f"\nResult:\n{t['result']}")
+        if detail["comments"]:
+            print(f"\nComments ({len(detail['comments'])}):")
+            for c in detail["comments"]:
+                print(f"  [{_when(c['created_at'])}] {c['author']}: {c['body']}")
+        print(f"\nEvents ({len(detail['events'])}):")
+        for e in detail["events"]:
+            run = f"[run {e['run_id']}] " if e["run_id"] else ""
+            payload = f" {json.dumps(e['payload'], ensure_ascii=False)}" if e["payload"] else ""
+            print(f"  [{_when(e['created_at'])}] {run}{e['kind']}{payload}")
+        print(f"\nRuns ({len(detail['runs'])}):")
+        _print_runs(detail["runs"])
+    _emit(args, detail, text)
+    return 0
+
+
+def _print_runs(runs: list[dict]) -> None:
+    now = int(time.time())
+    for r in runs:
+        ended = r["ended_at"]
+        elapsed = (ended or now) - r["started_at"]
+        print(f"  #{r['id']:<4} {r['outcome'] or r['status']:<18} {r['task_id']}  "
+              f"@{r['profile'] or '-':<12} {_duration(elapsed):>7}  {_when(r['started_at'])}")
+        detail = r["summary"] or r["error"]
+        if detail:
+            print(f"        → {detail.strip().splitlines()[0][:200]}")
+
+
+def _run_for(args, task_id: str) -> int | None:
+    """``--run``, or the worker's own run when a worker reports on its own task."""
+    if args.run is not None:
+        return args.run
+    if os.environ.get("SPARKOPS_TASK_ID") == task_id and os.environ.get("SPARKOPS_RUN_ID"):
+        try:
+            return int(os.environ["SPARKOPS_RUN_ID"])
+        except ValueError:
+            raise InvalidInput("SPARKOPS_RUN_ID must be a run number") from None
+    return None
+
+
+def _report(args, change: board.Change, verb: str) -> int:
+    run = f" (run {change.run_id})" if change.run_id else ""
+    _emit(args, change.as_dict(),
+          lambda: print(f"{verb} {change.task_id}: {change.from_status} -> {change.to_status}{run}"))
+    return 0
+
+
+def cmd_task_complete(args, store: Store) -> int:
+    metadata = None
+    if args.metadata:
+        try:
+            metadata = json.loads(args.metadata)
+        except ValueError:
+            raise InvalidInput("--metadata must be a JSON object, e.g. '{\"tests\": 12}'") from None
+        if not isinstance(metadata, dict):
+            raise InvalidInput("--metadata must be a JSON object, e.g. '{\"tests\": 12}'")
+    change = board.complete(store.board, args.task_id, run_id=_run_for(args, args.task_id),
+                            result=args.result, summary=args.summary, metadata=metadata)
+    return _report(args, change, "Completed")
+
+
+def cmd_task_block(args, store: Store) -> int:
+    reason = " ".join(args.reason).strip() or None
+    change = board.block(store.board, args.task_id, reason=reason, kind=args.kind,
+                         run_id=_run_for(args, args.task_id))
+    return _report(args, change, "Blocked")
+
+
+def cmd_task_unblock(args, store: Store) -> int:
+    return _report(args, board.unblock(store.board, args.task_id), "Unblocked")
+
+
+def cmd_task_promote(args, store: Store) -> int:
+    change = board.promote(store.board, args.task_id, actor=args.actor or getpass.getuser(),
+                           reason=args.reason, force=args.force)
+    return _report(args, change, "Promoted")
+
+
+def cmd_task_archive(args, store: Store) -> int:
+    return _report(args, board.archive(store.board, args.task_id), "Archived")
+
+
+def cmd_task_comment(args, store: Store) -> int:
+    author = args.author or os.environ.get("HERMES_PROFILE") or getpass.getuser()
+    comment_id = board.comment(store.board, args.task_id, " ".join(args.text), author=author)
+    _emit(args, {"task_id": args.task_id, "comment_id": comment_id},
+          lambda: print(f"Comment added to {args.task_id}"))
+    return 0
+
+
+def cmd_task_link(args, store: Store) -> int:
+    board.link(store.board, args.parent_id, args.child_id)
+    _emit(args, {"parent": args.parent_id, "child": args.child_id},
+          lambda: print(f"Linked {args.parent_id} -> {args.child_id}"))
+    return 0
+
+
+def cmd_runs(args, store: Store) -> int:
+    rows = queries.list_runs(store.board, task_id=args.task_id, active_only=args.active,
+                             limit=args.limit)
+
+    def text() -> None:
+        if not rows:
+            print("(no runs)")
+        _print_runs(rows)
+    _emit(args, rows, text)
+    return 0
+
+
+def cmd_events(args, store: Store) -> int:
+    since = int(time.time()) - args.since if args.since is not None else None
+    rows = queries.list_events(store.board, task_id=args.task_id, since=since,
+                               kinds=args.kind, limit=args.limit)
+
+    def text() -> None:
+        if not rows:
+            print("(no events)")
+        for e in reversed(rows):
+            run = f"[run {e['run_id']}] " if e["run_id"] else ""
+            payload = f" {json.dumps(e['payload'], ensure_ascii=False)}" if e["payload"] else ""
+            print(f"[{_when(e['created_at'])}] {e['task_id']} {run}{e['kind']}{payload}")
+    _emit(args, rows, text)
+    return 0
+
+
+def cmd_stats(args, store: Store) -> int:
+    stats = queries.board_stats(store.board)
+
+    def text() -> None:
+        print(f"{stats['total']} tasks, {stats['open']} open, {stats['active_runs']} running runs")
+        for status, count in stats["by_status"].items():
+            print(f"  {status:<10} {count}")
+        if stats["by_assignee"]:
+            print("By assignee:")
+            for who, counts in stats["by_assignee"].items():
+                print(f"  {who:<20} " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+        age = stats["oldest_ready_age_seconds"]
+        print(f"Oldest ready task: {_duration(age) if age is not None else 'none'}")
+    _emit(args, stats, text)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    values = {s.key: (mask_url(v) if s.kind == "url" else str(v) if s.kind == "path" else v)
+              for s in SETTINGS for v in [settings[s.key]]}
+
+    def text() -> None:
+        print(f"# from {settings.describe_source()}")
+        for key, value in values.items():
+            print(f"{key} = {value!r}")
+    _emit(args, {"source": settings.describe_source(), "settings": values}, text)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from sparkops.launcher import run_up
+
+    return run_up(settings, config_path=args.config, demo=args.demo)
+
+
+def cmd_demo(args, store: Store) -> int:
+    from sparkops.demo import seed_demo
+
+    created = seed_demo(store.board)
+    _emit(args, {"created": created}, lambda: print(
+        f"Created {len(created)} demo tasks" if created else "The board is not empty; no demo tasks added"))
+    return 0
+
+
+# -- the parser ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help="settings file (default: $SPARKOPS_CONFIG or ./sparkops.toml)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON")
+
+    parser = argparse.ArgumentParser(
+        prog="sparkops", parents=[common],
+        description="SparkOps: operations for autonomous AI coding sprints on a GPU box.")
+    parser.add_argument("--version", action="version", version=f"sparkops {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(subparsers, name: str, func, help_text: str, *, store: bool = True,
+            json_out: bool = True) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, help=help_text, description=help_text,
+                                  parents=[common] + ([as_json] if json_out else []))
+        p.set_defaults(func=func, needs_store=store)
+        return p
+
+    add(sub, "init", cmd_init, "create or upgrade the board and ops databases", store=False)
+    p = add(sub, "up", cmd_up, "start the jobs runner and the web app (Ctrl-C stops both)",
+            store=False, json_out=False)
+    p.add_argument("--demo", action="store_true", help="add demo tasks to an empty board")
+    add(sub, "demo", cmd_demo, "add a small demo sprint to an empty board")
+    add(sub, "config", cmd_config, "show the effective settings and where they came from",
+        store=False)
+
+    task = sub.add_parser("task", help="create, list, show and change tasks")
+    tsub = task.add_subparsers(dest="task_command", required=True, metavar="ACTION")
+
+    p = add(tsub, "create", cmd_task_create, "create a task (prints its id)")
+    p.add_argument("title")
+    p.add_argument("--body")
+    p.add_argument("--body-file", metavar="PATH", help="read the body from a file")
+    p.add_argument("--assignee")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--parent", action="append", metavar="TASK_ID", help="repeatable")
+    p.add_argument("--triage", action="store_true", help="park in triage")
+    p.add_argument("--created-by", default=None)
+    p.add_argument("--max-runtime", type=int, metavar="SECONDS")
+    p.add_argument("--max-retries", type=int, metavar="N")
+    p.add_argument("--idempotency-key")
+
+    p = add(tsub, "list", cmd_task_list, "list tasks (priority, then age)")
+    p.add_argument("--status")
+    p.add_argument("--assignee")
+    p.add_argument("--archived", action="store_true", help="include archived tasks")
+    p.add_argument("--limit", type=int)
+
+    p = add(tsub, "show", cmd_task_show, "a task with comments, events and runs")
+    p.add_argument("task_id")
+
+    p = add(tsub, "complete", cmd_task_complete, "mark a task done (workers pass --run)")
+    p.add_argument("task_id")
+    p.add_argument("--run", type=int, metavar="RUN_ID",
+                   help="the reporting worker's run; a stale run is refused")
+    p.add_argument("--result")
+    p.add_argument("--summary")
+    p.add_argument("--metadata", help="JSON object stored on the run")
+
+    p = add(tsub, "block", cmd_task_block, "block a task (workers pass --run)")
+    p.add_argument("task_id")
+    p.add_argument("reason", nargs="*")
+    p.add_argument("--run", type=int, metavar="RUN_ID")
+    p.add_argument("--kind", choices=sorted(board.BLOCK_KINDS))
+
+    p = add(tsub, "unblock", cmd_task_unblock, "return a blocked task to ready (or todo)")
+    p.add_argument("task_id")
+
+    p = add(tsub, "promote", cmd_task_promote, "move a todo/blocked/triage task to ready")
+    p.add_argument("task_id")
+    p.add_argument("--force", action="store_true", help="even with unfinished parents")
+    p.add_argument("--reason")
+    p.add_argument("--actor")
+
+    p = add(tsub, "archive", cmd_task_archive, "archive a task")
+    p.add_argument("task_id")
+
+    p = add(tsub, "comment", cmd_task_comment, "add a comment")
+    p.add_argument("task_id")
+    p.add_argument("text", nargs="+")
+    p.add_argument("--author")
+
+    p = add(tsub, "link", cmd_task_link, "make CHILD depend on PARENT")
+    p.add_argument("parent_id")
+    p.add_argument("child_id")
+
+    p = add(sub, "runs", cmd_runs, "runs, newest first (of one task, or all)")
+    p.add_argument("task_id", nargs="?")
+    p.add_argument("--active", action="store_true", help="only runs still in progress")
+    p.add_argument("--limit", type=int, default=50)
+
+    p = add(sub, "events", cmd_events, "task events, oldest first (of one task, or all)")
+    p.add_argument("task_id", nargs="?")
+    p.add_argument("--since", type=int, metavar="SECONDS", help="only the last SECONDS")
+    p.add_argument("--kind", action="append", help="only events of this kind (repeatable)")
+    p.add_argument("--limit", type=int, default=100)
+
+    add(sub, "stats", cmd_stats, "counts per status and assignee, oldest ready task")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("SPARKOPS_LOG_LEVEL", "WARNING").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.config = getattr(args, "config", None)
+    store: Store | None = None
+    try:
+        settings = load_settings(args.config)
+        if not args.needs_store:
+            return args.func(args, settings)
+        store = open_store(settings)
+        return args.func(args, store)
+    except SparkOpsError as err:
+        print(f"sparkops: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except DBAPIError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        print(f"sparkops: error: database error: {reason}", file=sys.stderr)
+        return StorageError.exit_code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if store is not None:
+            store.dispose()
+
+
+__all__ = ["main", "build_parser", "EXIT_REFUSED", "EXIT_USAGE"]

@@ -1,0 +1,419 @@
+"""Settings: declared once here, loaded from ``sparkops.toml`` and ``SPARKOPS_*``.
+
+Every setting SparkOps reads is one :class:`Setting` in :data:`SETTINGS`, with its
+type, default and help text. ``docs/configuration.md`` is checked against this
+list by ``tests/test_docs.py``, so the two cannot drift apart.
+
+Where values come from, last one wins:
+
+1. the defaults below;
+2. the TOML file: ``--config PATH``, else ``$SPARKOPS_CONFIG``, else
+   ``./sparkops.toml`` (a missing default file means "all defaults"; a missing
+   file that was named explicitly is an error);
+3. environment variables ``SPARKOPS_<SECTION>_<KEY>``, for example
+   ``SPARKOPS_STORAGE_BOARD_URL``.
+
+Relative paths (and relative ``sqlite:///`` URLs) are resolved against the
+directory of the config file, or the current directory when there is none, so a
+worker running in its workspace sees the same files as the runner that started it.
+
+Secrets (the UI password, the Telegram token) are never settings: they come from
+the environment or ``.streamlit/secrets.toml`` (see :class:`Secrets`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping
+
+from sparkops.errors import ConfigError
+
+ENV_PREFIX = "SPARKOPS_"
+CONFIG_ENV = "SPARKOPS_CONFIG"
+DEFAULT_CONFIG_NAME = "sparkops.toml"
+
+#: Environment names under ``SPARKOPS_`` that are not settings: the config path,
+#: the secrets, and the variables the worker shim hands to agents.
+RESERVED_ENV = frozenset(
+    {
+        "SPARKOPS_CONFIG",
+        "SPARKOPS_UI_PASSWORD",
+        "SPARKOPS_TELEGRAM_TOKEN",
+        "SPARKOPS_TASK_ID",
+        "SPARKOPS_RUN_ID",
+        "SPARKOPS_WORKSPACE",
+        "SPARKOPS_PROMPT_FILE",
+        "SPARKOPS_LOG_FILE",
+    }
+)
+
+#: Keys that look like secrets and must never sit in a (committed) config file.
+SECRET_KEYS = frozenset({"ui_password", "password", "telegram_token", "token", "api_key"})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: ``key`` is ``section.name``; ``kind`` drives parsing."""
+
+    key: str
+    kind: str  # "str" | "int" | "float" | "bool" | "path" | "url"
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split(".", 1)[1]
+
+    @property
+    def env_name(self) -> str:
+        return ENV_PREFIX + self.key.replace(".", "_").upper()
+
+    def allowed(self) -> str:
+        """Human description of what is allowed, used in error messages and docs."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        base = {
+            "str": "a string",
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+            "path": "a file system path",
+            "url": "a database URL (sqlite:///PATH or postgresql://...)",
+        }[self.kind]
+        if self.minimum is not None and self.maximum is not None:
+            return f"{base} from {_num(self.minimum)} to {_num(self.maximum)}"
+        if self.minimum is not None:
+            return f"{base} >= {_num(self.minimum)}"
+        return base
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "storage.board_url", "url", "sqlite:///data/kanban.db",
+        "The kanban board (Hermes Kanban format). A SQLite file or a PostgreSQL URL.",
+    ),
+    Setting(
+        "storage.ops_url", "url", "sqlite:///data/sparkops.db",
+        "SparkOps' own operational data (tables prefixed ops_). Kept apart from the "
+        "board so a Hermes kanban.db never gets foreign tables.",
+    ),
+    Setting(
+        "storage.busy_timeout_ms", "int", 30000,
+        "How long a SQLite writer waits for the write lock before giving up.",
+        minimum=0,
+    ),
+    Setting(
+        "dispatch.failure_limit", "int", 2,
+        "Consecutive failures (crash, timeout, spawn failure) after which a task is "
+        "moved to blocked with the reason. A task's own max_retries wins. Hermes' default is 2.",
+        minimum=1,
+    ),
+    Setting(
+        "runner.promote_interval_seconds", "float", 5.0,
+        "How often the jobs runner promotes todo tasks whose parents are done "
+        "(a safety net for boards also worked by Hermes).",
+        minimum=0.1,
+    ),
+    Setting(
+        "runner.log_file", "path", "data/logs/jobs_runner.log",
+        "The jobs runner's log file (rotated).",
+    ),
+    Setting(
+        "runner.log_max_bytes", "int", 5_000_000,
+        "Rotate the runner log when it reaches this size.",
+        minimum=10_000,
+    ),
+    Setting(
+        "runner.log_backups", "int", 5,
+        "How many rotated runner logs to keep.",
+        minimum=0,
+    ),
+    Setting(
+        "ui.address", "str", "127.0.0.1",
+        "Address the Streamlit app binds to. Anything but loopback needs a UI password "
+        "(SPARKOPS_UI_PASSWORD or .streamlit/secrets.toml) or ui.allow_unauthenticated_remote.",
+    ),
+    Setting(
+        "ui.port", "int", 8501,
+        "Port of the Streamlit app.",
+        minimum=1, maximum=65535,
+    ),
+    Setting(
+        "ui.allow_unauthenticated_remote", "bool", False,
+        "Allow binding the app to a non-loopback address without a password. Leave off.",
+    ),
+)
+
+SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated values for every setting, plus where they came from."""
+
+    values: Mapping[str, Any]
+    source: Path | None = None  # the config file that was read, if any
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __getattr__(self, section: str) -> SimpleNamespace:
+        if section not in SECTIONS:
+            raise AttributeError(section)
+        prefix = section + "."
+        return SimpleNamespace(
+            **{k[len(prefix):]: v for k, v in self.values.items() if k.startswith(prefix)}
+        )
+
+    def describe_source(self) -> str:
+        return str(self.source) if self.source else "defaults (no sparkops.toml)"
+
+
+def load_settings(
+    config_path: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Read, merge and validate settings. Raises :class:`ConfigError` on any problem."""
+    env = os.environ if env is None else env
+    cwd = cwd or Path.cwd()
+    explicit = config_path is not None or bool(env.get(CONFIG_ENV))
+    raw_path = config_path if config_path is not None else env.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME
+    path = Path(raw_path).expanduser()
+    if not path.is_absolute():
+        path = cwd / path
+
+    file_values: dict[str, Any] = {}
+    source: Path | None = None
+    if path.exists():
+        file_values = _read_toml(path)
+        source = path
+    elif explicit:
+        raise ConfigError(
+            f"config file {path} does not exist (named by "
+            f"{'--config' if config_path is not None else CONFIG_ENV}); "
+            "create it or drop the option to use the defaults"
+        )
+    base_dir = path.parent
+    where = f"in {path}"
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        values[setting.key] = _resolve(setting, setting.default, base_dir, "default")
+    for key, value in file_values.items():
+        values[key] = _resolve(SETTINGS_BY_KEY[key], value, base_dir, where)
+    for key, value in _env_values(env).items():
+        setting = SETTINGS_BY_KEY[key]
+        values[key] = _resolve(setting, _parse_env(setting, value), base_dir,
+                               f"in environment variable {setting.env_name}")
+    return Settings(values=values, source=source, base_dir=base_dir)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+    flat: dict[str, Any] = {}
+    for section, table in data.items():
+        if section.lower() in SECRET_KEYS:
+            raise _secret_error(section, path)
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown section [{section}] in {path}; "
+                f"known sections: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section} in {path} must be a table ([{section}]), got a value")
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            if name.lower() in SECRET_KEYS:
+                raise _secret_error(key, path)
+            if key not in SETTINGS_BY_KEY:
+                known = ", ".join(s.name for s in SETTINGS if s.section == section)
+                raise ConfigError(
+                    f"unknown setting {key} in {path}; settings in [{section}]: {known}"
+                    " (see docs/configuration.md)"
+                )
+            flat[key] = value
+    return flat
+
+
+def _secret_error(key: str, path: Path) -> ConfigError:
+    return ConfigError(
+        f"{key} in {path} looks like a secret; secrets never go in sparkops.toml. "
+        "Set SPARKOPS_UI_PASSWORD / SPARKOPS_TELEGRAM_TOKEN in the environment or "
+        "put them in .streamlit/secrets.toml"
+    )
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, str]:
+    by_env = {s.env_name: s.key for s in SETTINGS}
+    found: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
+            continue
+        if name in by_env:
+            found[by_env[name]] = value
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is not None:
+            known = ", ".join(s.env_name for s in SETTINGS if s.section == section)
+            raise ConfigError(
+                f"unknown environment variable {name}; settings of [{section}] are "
+                f"{known} (see docs/configuration.md)"
+            )
+    return found
+
+
+def _parse_env(setting: Setting, text: str) -> Any:
+    """Environment values are strings; turn them into the setting's type first."""
+    kind = setting.kind
+    try:
+        if kind == "int":
+            return int(text.strip())
+        if kind == "float":
+            return float(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{setting.key} must be {setting.allowed()}, got {text!r} "
+            f"(in environment variable {setting.env_name})"
+        ) from None
+    if kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+        raise ConfigError(
+            f"{setting.key} must be true or false, got {text!r} "
+            f"(in environment variable {setting.env_name})"
+        )
+    return text
+
+
+def _resolve(setting: Setting, value: Any, base_dir: Path, where: str) -> Any:
+    """Type-check ``value`` against ``setting`` and normalise paths and URLs."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{setting.key} must be {setting.allowed()}, got {value!r} ({where})")
+
+    kind = setting.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        if kind == "int" and not isinstance(value, int):
+            raise bad()
+        if setting.minimum is not None and value < setting.minimum:
+            raise bad()
+        if setting.maximum is not None and value > setting.maximum:
+            raise bad()
+        return float(value) if kind == "float" else value
+    if not isinstance(value, str) or not value.strip():
+        raise bad()
+    if setting.choices and value not in setting.choices:
+        raise bad()
+    if kind == "path":
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base_dir / path)
+    if kind == "url":
+        return _resolve_url(setting, value.strip(), base_dir, where)
+    return value
+
+
+def _resolve_url(setting: Setting, url: str, base_dir: Path, where: str) -> str:
+    if url.startswith("sqlite:///"):
+        rest = url[len("sqlite:///"):]
+        if not rest or rest.startswith(":memory:"):
+            raise ConfigError(
+                f"{setting.key} must name a SQLite file, not an in-memory database ({where})"
+            )
+        path, sep, query = rest.partition("?")
+        if not path.startswith("/"):
+            path = str(base_dir / path)
+        return "sqlite:///" + path + (sep + query if sep else "")
+    if url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        if url.startswith("postgres://"):
+            url = "postgresql://" + url[len("postgres://"):]
+        return url
+    raise ConfigError(
+        f"{setting.key} must be {setting.allowed()}, got {_mask_url(url)!r} ({where})"
+    )
+
+
+def _mask_url(url: str) -> str:
+    """Hide a password in ``scheme://user:password@host`` for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}@{host}"
+
+
+mask_url = _mask_url
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Secrets from the environment, else ``.streamlit/secrets.toml``. Never logged."""
+
+    ui_password: str | None = None
+    telegram_token: str | None = None
+
+    def __repr__(self) -> str:  # never print the values
+        state = {k: "set" if getattr(self, k) else "unset" for k in ("ui_password", "telegram_token")}
+        return "Secrets(" + ", ".join(f"{k}={v}" for k, v in state.items()) + ")"
+
+
+def load_secrets(
+    env: Mapping[str, str] | None = None, secrets_file: Path | None = None
+) -> Secrets:
+    env = os.environ if env is None else env
+    secrets_file = secrets_file or Path(".streamlit") / "secrets.toml"
+    from_file: dict[str, Any] = {}
+    if secrets_file.exists():
+        try:
+            with secrets_file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read secrets file {secrets_file}: {exc}") from exc
+        from_file = {**data, **(data.get("sparkops") or {})}
+
+    def pick(env_name: str, key: str) -> str | None:
+        value = env.get(env_name) or from_file.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{key} in {secrets_file} must be a string")
+        return value or None
+
+    return Secrets(
+        ui_password=pick("SPARKOPS_UI_PASSWORD", "ui_password"),
+        telegram_token=pick("SPARKOPS_TELEGRAM_TOKEN", "telegram_token"),
+    )

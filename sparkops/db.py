@@ -1,0 +1,257 @@
+"""Storage: SQLAlchemy engines for SQLite and PostgreSQL, and the transactions.
+
+This is the only module that knows SQLite specifics (pragmas, ``BEGIN IMMEDIATE``,
+the file header). Everything else writes dialect-neutral SQLAlchemy Core and asks
+for a connection with :meth:`Database.read` or :meth:`Database.write`.
+
+SQLite settings, set once per connection:
+
+* ``journal_mode=WAL`` so readers (the UI) never block the writer;
+* ``busy_timeout`` so a writer waits for the lock instead of failing;
+* ``synchronous=NORMAL`` (safe with WAL: a crash can lose the last commits, never
+  corrupt the file);
+* ``foreign_keys=ON``;
+* every writing transaction starts with ``BEGIN IMMEDIATE``, so the write lock is
+  taken up front and two writers never deadlock upgrading a read lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from sparkops.config import mask_url
+from sparkops.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+@dataclass(frozen=True)
+class SqliteProbe:
+    """What a read-only look at a SQLite file found."""
+
+    user_version: int
+    tables: set[str]
+    versions: dict[str, int]  # rows of ops_schema_version, if that table exists
+
+
+class Database:
+    """One database (the board or the ops store) and its engine.
+
+    ``role`` names it in messages: ``"board"`` or ``"ops"``.
+    """
+
+    def __init__(self, url: str, *, role: str, busy_timeout_ms: int = 30000):
+        self.url = url
+        self.role = role
+        self.display_url = mask_url(url)
+        self.busy_timeout_ms = busy_timeout_ms
+        if url.startswith("sqlite:///"):
+            self.dialect = "sqlite"
+            self.path: Path | None = Path(url[len("sqlite:///"):].split("?", 1)[0])
+            self.engine = _sqlite_engine(self.path, busy_timeout_ms)
+        elif url.startswith("postgresql"):
+            self.dialect = "postgresql"
+            self.path = None
+            self.engine = _postgres_engine(url)
+        else:
+            raise StorageError(
+                f"{role} database URL {self.display_url!r} is not supported; "
+                "use sqlite:///PATH or postgresql://USER@HOST/DB"
+            )
+
+    # -- where the data lives ------------------------------------------------
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    def exists(self) -> bool:
+        """For SQLite: the file exists and is not empty. PostgreSQL always exists."""
+        if self.path is None:
+            return True
+        try:
+            return self.path.stat().st_size > 0
+        except FileNotFoundError:
+            return False
+
+    def check_file(self) -> None:
+        """Refuse a SQLite path that is not a readable SQLite database file.
+
+        A missing or empty file is fine (it will be created). Anything else that
+        does not start with the SQLite header is left untouched and reported.
+        """
+        if self.path is None:
+            return
+        path = self.path
+        if path.is_dir():
+            raise StorageError(
+                f"{self.role} database {path} is a directory; point the URL at a file"
+            )
+        if not path.exists():
+            return
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read the {self.role} database {path}: {exc.strerror}; "
+                "check its permissions"
+            ) from exc
+        if not head:
+            return
+        if head != SQLITE_HEADER:
+            raise StorageError(
+                f"{path} is not a SQLite database (it starts with {head[:16]!r}); "
+                f"SparkOps will not touch it. Move it aside or set storage.{self.role}_url "
+                "to your board"
+            )
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise StorageError(
+                f"the {self.role} database {path} is not readable and writable by this "
+                "user; fix its permissions"
+            )
+
+    def probe(self) -> "SqliteProbe":
+        """Read a SQLite file's schema facts over a read-only connection.
+
+        Used before the engine touches the file (the engine switches it to WAL),
+        so a database SparkOps refuses is left byte for byte as it was.
+        """
+        assert self.path is not None
+        uri = f"file:{self.path}?mode=ro"
+        try:
+            raw = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout_ms / 1000.0)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the {self.role} database {self.path}: {exc}") from exc
+        try:
+            user_version = int(raw.execute("PRAGMA user_version").fetchone()[0])
+            tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            versions: dict[str, int] = {}
+            if "ops_schema_version" in tables:
+                versions = {c: int(v) for c, v in raw.execute(
+                    "SELECT component, version FROM ops_schema_version")}
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(
+                f"the {self.role} database {self.path} cannot be read ({exc}); it may be "
+                "damaged. SparkOps will not write to it: restore it from a backup or "
+                "recover it with `sqlite3 FILE .recover`"
+            ) from exc
+        finally:
+            raw.close()
+        return SqliteProbe(user_version=user_version, tables=tables, versions=versions)
+
+    def prepare_location(self) -> None:
+        """Create the directory of a SQLite file (the data dir) on first use."""
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def check_integrity(self) -> None:
+        """Run SQLite's ``quick_check``; raise :class:`StorageError` if it fails."""
+        if not self.is_sqlite or not self.exists():
+            return
+        try:
+            with self.engine.connect() as conn:
+                rows = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").fetchall()]
+        except DBAPIError as exc:
+            raise self.error("cannot check", exc) from exc
+        if rows != ["ok"]:
+            raise StorageError(
+                f"the {self.role} database {self.path} is damaged ({'; '.join(rows[:3])}); "
+                "SparkOps will not write to it. Restore it from a backup or recover it with "
+                "`sqlite3 FILE .recover`"
+            )
+
+    def ping(self) -> None:
+        """Open a connection once; turn any failure into one clear message."""
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except DBAPIError as exc:
+            raise self.error("cannot connect to", exc) from exc
+
+    def error(self, doing: str, exc: BaseException) -> StorageError:
+        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0]
+        hint = (
+            "check storage.%s_url and that PostgreSQL is running and reachable" % self.role
+            if not self.is_sqlite
+            else "check the file and its permissions"
+        )
+        return StorageError(f"{doing} the {self.role} database {self.display_url}: {reason}; {hint}")
+
+    # -- transactions ---------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction (a consistent snapshot; takes no write lock)."""
+        with self.engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A writing transaction; on SQLite it starts with ``BEGIN IMMEDIATE``."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn = conn.execution_options(sparkops_begin="BEGIN IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"Database({self.role}, {self.display_url})"
+
+
+def _sqlite_engine(path: Path, busy_timeout_ms: int) -> Engine:
+    engine = create_engine(
+        f"sqlite:///{path}",
+        connect_args={"timeout": busy_timeout_ms / 1000.0, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        # Let SQLAlchemy's "begin" event below emit BEGIN itself (pysqlite's own
+        # implicit BEGIN is deferred and would not take the write lock).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            mode = cur.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        conn.exec_driver_sql(conn.get_execution_options().get("sparkops_begin", "BEGIN"))
+
+    return engine
+
+
+def _postgres_engine(url: str) -> Engine:
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 5, "application_name": "sparkops"},
+    )
+
+
+__all__ = ["Database", "SQLAlchemyError", "OperationalError", "DBAPIError"]

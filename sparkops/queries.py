@@ -1,0 +1,162 @@
+"""Reading the board: tasks, a task's detail, runs, events and counts.
+
+Read-only and dialect-neutral. Rows come back as plain dicts with Hermes' column
+names (JSON columns decoded), ready for the CLI's ``--json``, pandas and the pages.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from sqlalchemy import func, select
+
+from sparkops.board import FINISHED, Status
+from sparkops.clock import epoch
+from sparkops.db import Database
+from sparkops.errors import InvalidInput, NotFound
+from sparkops.schema import task_comments, task_events, task_links, task_runs, tasks
+
+TASK_LIST_COLUMNS = (
+    "id", "title", "assignee", "status", "priority", "created_by", "created_at",
+    "started_at", "completed_at", "current_run_id", "consecutive_failures", "last_failure_error",
+)
+
+
+def _decode(row: dict[str, Any], *json_cols: str) -> dict[str, Any]:
+    for col in json_cols:
+        value = row.get(col)
+        if isinstance(value, str) and value:
+            try:
+                row[col] = json.loads(value)
+            except ValueError:
+                pass  # leave text that is not JSON as it is
+    return row
+
+
+def _check_status(status: str | None) -> None:
+    if status is not None and status not in set(Status):
+        raise InvalidInput(
+            f"unknown status {status!r}; statuses are {', '.join(s.value for s in Status)}"
+        )
+
+
+def list_tasks(db: Database, *, status: str | None = None, assignee: str | None = None,
+               include_archived: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+    """Tasks ordered like ``hermes kanban list``: priority first, then age."""
+    _check_status(status)
+    query = select(*[tasks.c[name] for name in TASK_LIST_COLUMNS])
+    if status:
+        query = query.where(tasks.c.status == status)
+    elif not include_archived:
+        query = query.where(tasks.c.status != Status.ARCHIVED)
+    if assignee:
+        query = query.where(tasks.c.assignee == assignee.lower())
+    query = query.order_by(tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
+    if limit:
+        query = query.limit(limit)
+    with db.read() as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def get_task(db: Database, task_id: str) -> dict[str, Any]:
+    with db.read() as conn:
+        row = conn.execute(select(tasks).where(tasks.c.id == task_id)).first()
+    if row is None:
+        raise NotFound("task", task_id)
+    return _decode(dict(row._mapping), "skills")
+
+
+def task_detail(db: Database, task_id: str) -> dict[str, Any]:
+    """The task with its parents, children, comments, events and runs."""
+    with db.read() as conn:
+        row = conn.execute(select(tasks).where(tasks.c.id == task_id)).first()
+        if row is None:
+            raise NotFound("task", task_id)
+        parents = list(conn.execute(select(task_links.c.parent_id)
+                                    .where(task_links.c.child_id == task_id)
+                                    .order_by(task_links.c.parent_id)).scalars())
+        children = list(conn.execute(select(task_links.c.child_id)
+                                     .where(task_links.c.parent_id == task_id)
+                                     .order_by(task_links.c.child_id)).scalars())
+        comments = [dict(r._mapping) for r in conn.execute(
+            select(task_comments).where(task_comments.c.task_id == task_id)
+            .order_by(task_comments.c.created_at, task_comments.c.id))]
+        events = [_decode(dict(r._mapping), "payload") for r in conn.execute(
+            select(task_events).where(task_events.c.task_id == task_id)
+            .order_by(task_events.c.created_at, task_events.c.id))]
+        runs = [_decode(dict(r._mapping), "metadata") for r in conn.execute(
+            select(task_runs).where(task_runs.c.task_id == task_id).order_by(task_runs.c.id))]
+    return {
+        "task": _decode(dict(row._mapping), "skills"),
+        "parents": parents,
+        "children": children,
+        "comments": comments,
+        "events": events,
+        "runs": runs,
+    }
+
+
+def list_runs(db: Database, *, task_id: str | None = None, active_only: bool = False,
+              limit: int = 50) -> list[dict[str, Any]]:
+    """Runs, newest first; for one task when ``task_id`` is given."""
+    query = select(task_runs)
+    if task_id:
+        _require_task(db, task_id)
+        query = query.where(task_runs.c.task_id == task_id)
+    if active_only:
+        query = query.where(task_runs.c.ended_at.is_(None))
+    query = query.order_by(task_runs.c.id.desc()).limit(limit)
+    with db.read() as conn:
+        return [_decode(dict(r._mapping), "metadata") for r in conn.execute(query)]
+
+
+def list_events(db: Database, *, task_id: str | None = None, since: int | None = None,
+                kinds: Iterable[str] | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Events, newest first."""
+    query = select(task_events)
+    if task_id:
+        _require_task(db, task_id)
+        query = query.where(task_events.c.task_id == task_id)
+    if since is not None:
+        query = query.where(task_events.c.created_at >= since)
+    if kinds:
+        query = query.where(task_events.c.kind.in_(list(kinds)))
+    query = query.order_by(task_events.c.id.desc()).limit(limit)
+    with db.read() as conn:
+        return [_decode(dict(r._mapping), "payload") for r in conn.execute(query)]
+
+
+def board_stats(db: Database, *, now: float | None = None) -> dict[str, Any]:
+    """Counts per status and per assignee, and the oldest ready task's age,
+    in the shape of ``hermes kanban stats --json``."""
+    ts = epoch(now)
+    with db.read() as conn:
+        by_status = {s: n for s, n in conn.execute(
+            select(tasks.c.status, func.count()).group_by(tasks.c.status).order_by(tasks.c.status))}
+        by_assignee: dict[str, dict[str, int]] = {}
+        for assignee, status, count in conn.execute(
+                select(tasks.c.assignee, tasks.c.status, func.count())
+                .where(tasks.c.assignee.is_not(None))
+                .group_by(tasks.c.assignee, tasks.c.status)
+                .order_by(tasks.c.assignee, tasks.c.status)):
+            by_assignee.setdefault(assignee, {})[status] = count
+        oldest_ready = conn.execute(
+            select(func.min(tasks.c.created_at)).where(tasks.c.status == Status.READY)).scalar()
+        running = conn.execute(select(func.count()).select_from(task_runs)
+                               .where(task_runs.c.ended_at.is_(None))).scalar()
+    return {
+        "by_status": by_status,
+        "by_assignee": by_assignee,
+        "oldest_ready_age_seconds": (ts - int(oldest_ready)) if oldest_ready is not None else None,
+        "active_runs": int(running or 0),
+        "total": sum(by_status.values()),
+        "open": sum(n for s, n in by_status.items() if s not in FINISHED),
+        "now": ts,
+    }
+
+
+def _require_task(db: Database, task_id: str) -> None:
+    with db.read() as conn:
+        if conn.execute(select(tasks.c.id).where(tasks.c.id == task_id)).first() is None:
+            raise NotFound("task", task_id)

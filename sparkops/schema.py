@@ -1,0 +1,340 @@
+"""The board schema (the Hermes Kanban format), the ops schema, and migrations.
+
+The board tables below copy ``hermes kanban init`` (hermes-agent 0.19) column
+for column: names, types, defaults and indexes. They were read from a real board
+(``tests/fixtures/hermes_board.db``, made by ``tests/fixtures/make_hermes_board.sh``),
+and ``tests/test_schema.py`` compares a SparkOps-made board with it. Timestamps
+are integer epoch seconds; on PostgreSQL they are BIGINT so they outlive 2038.
+
+Schema versions: a SQLite board records SparkOps' version in ``PRAGMA
+user_version`` (Hermes does not use it, and it is not a table, so a Hermes
+``kanban.db`` never gets foreign tables). Every other database (the ops store, a
+PostgreSQL board) keeps a row in ``ops_schema_version``. A database whose version
+is newer than this code knows is refused untouched. Upgrades are migrations:
+functions that keep every row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.schema import CreateColumn
+
+from sparkops.db import Database
+from sparkops.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+# Epoch seconds: INTEGER on SQLite (as Hermes declares them), BIGINT on PostgreSQL.
+Epoch = Integer().with_variant(BigInteger(), "postgresql")
+
+board_metadata = MetaData()
+
+tasks = Table(
+    "tasks",
+    board_metadata,
+    Column("id", Text, primary_key=True),
+    Column("title", Text, nullable=False),
+    Column("body", Text),
+    Column("assignee", Text),
+    Column("status", Text, nullable=False),
+    Column("priority", Integer, server_default=text("0")),
+    Column("created_by", Text),
+    Column("created_at", Epoch, nullable=False),
+    Column("started_at", Epoch),
+    Column("completed_at", Epoch),
+    Column("workspace_kind", Text, nullable=False, server_default=text("'scratch'")),
+    Column("workspace_path", Text),
+    Column("branch_name", Text),
+    Column("project_id", Text),
+    Column("claim_lock", Text),
+    Column("claim_expires", Epoch),
+    Column("tenant", Text),
+    Column("result", Text),
+    Column("idempotency_key", Text),
+    Column("consecutive_failures", Integer, nullable=False, server_default=text("0")),
+    Column("worker_pid", Integer),
+    Column("last_failure_error", Text),
+    Column("max_runtime_seconds", Integer),
+    Column("last_heartbeat_at", Epoch),
+    Column("current_run_id", Integer),
+    Column("workflow_template_id", Text),
+    Column("current_step_key", Text),
+    Column("skills", Text),
+    Column("model_override", Text),
+    Column("max_retries", Integer),
+    Column("goal_mode", Integer, nullable=False, server_default=text("0")),
+    Column("goal_max_turns", Integer),
+    Column("session_id", Text),
+    Column("block_kind", Text),
+    Column("block_recurrences", Integer, nullable=False, server_default=text("0")),
+    Index("idx_tasks_assignee_status", "assignee", "status"),
+    Index("idx_tasks_status", "status"),
+    Index("idx_tasks_tenant", "tenant"),
+    Index("idx_tasks_idempotency", "idempotency_key"),
+    Index("idx_tasks_session_id", "session_id"),
+)
+
+task_links = Table(
+    "task_links",
+    board_metadata,
+    Column("parent_id", Text, nullable=False),
+    Column("child_id", Text, nullable=False),
+    PrimaryKeyConstraint("parent_id", "child_id"),
+    Index("idx_links_child", "child_id"),
+    Index("idx_links_parent", "parent_id"),
+)
+
+task_comments = Table(
+    "task_comments",
+    board_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", Text, nullable=False),
+    Column("author", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_at", Epoch, nullable=False),
+    Index("idx_comments_task", "task_id", "created_at"),
+    sqlite_autoincrement=True,
+)
+
+task_events = Table(
+    "task_events",
+    board_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", Text, nullable=False),
+    Column("run_id", Integer),
+    Column("kind", Text, nullable=False),
+    Column("payload", Text),  # JSON
+    Column("created_at", Epoch, nullable=False),
+    Index("idx_events_task", "task_id", "created_at"),
+    Index("idx_events_run", "run_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+task_runs = Table(
+    "task_runs",
+    board_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", Text, nullable=False),
+    Column("profile", Text),
+    Column("step_key", Text),
+    # running | done | blocked | crashed | timed_out | failed | released | reclaimed ...
+    Column("status", Text, nullable=False),
+    Column("claim_lock", Text),
+    Column("claim_expires", Epoch),
+    Column("worker_pid", Integer),
+    Column("max_runtime_seconds", Integer),
+    Column("last_heartbeat_at", Epoch),
+    Column("started_at", Epoch, nullable=False),
+    Column("ended_at", Epoch),
+    # completed | blocked | crashed | timed_out | spawn_failed | gave_up | reclaimed ...
+    Column("outcome", Text),
+    Column("summary", Text),
+    Column("metadata", Text),  # JSON
+    Column("error", Text),
+    Index("idx_runs_task", "task_id", "started_at"),
+    Index("idx_runs_status", "status"),
+    sqlite_autoincrement=True,
+)
+
+# Hermes creates these two as well; SparkOps creates them so that opening a
+# SparkOps board with ``hermes kanban`` needs no schema change at all.
+task_attachments = Table(
+    "task_attachments",
+    board_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("task_id", Text, nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("stored_path", Text, nullable=False),
+    Column("content_type", Text),
+    Column("size", Integer, nullable=False, server_default=text("0")),
+    Column("uploaded_by", Text),
+    Column("created_at", Epoch, nullable=False),
+    Index("idx_attachments_task", "task_id", "created_at"),
+    sqlite_autoincrement=True,
+)
+
+kanban_notify_subs = Table(
+    "kanban_notify_subs",
+    board_metadata,
+    Column("task_id", Text, nullable=False),
+    Column("platform", Text, nullable=False),
+    Column("chat_id", Text, nullable=False),
+    Column("thread_id", Text, nullable=False, server_default=text("''")),
+    Column("user_id", Text),
+    Column("notifier_profile", Text),
+    Column("created_at", Epoch, nullable=False),
+    Column("last_event_id", Integer, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("task_id", "platform", "chat_id", "thread_id"),
+    Index("idx_notify_task", "task_id"),
+)
+
+#: The tables every board must have for SparkOps to read it.
+CORE_BOARD_TABLES = ("tasks", "task_runs", "task_events", "task_links", "task_comments")
+
+ops_metadata = MetaData()
+
+ops_schema_version = Table(
+    "ops_schema_version",
+    ops_metadata,
+    Column("component", Text, primary_key=True),  # "board" or "ops"
+    Column("version", Integer, nullable=False),
+    Column("updated_at", Epoch, nullable=False),
+)
+
+
+# -- migrations ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _board_v1(conn: Connection) -> None:
+    """Hermes Kanban schema of hermes-agent 0.19: create what is missing, add
+    missing columns to tables an older Hermes made (data kept)."""
+    _create_missing(conn, board_metadata)
+
+
+def _ops_v1(conn: Connection) -> None:
+    _create_missing(conn, ops_metadata)
+
+
+BOARD_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "Hermes Kanban tables (hermes-agent 0.19)", _board_v1),
+)
+OPS_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "ops_schema_version", _ops_v1),
+)
+
+BOARD_SCHEMA_VERSION = BOARD_MIGRATIONS[-1].version
+OPS_SCHEMA_VERSION = OPS_MIGRATIONS[-1].version
+
+
+def _create_missing(conn: Connection, metadata: MetaData) -> None:
+    """Create missing tables and indexes; add missing columns (never drop any)."""
+    inspector = inspect(conn)
+    existing = set(inspector.get_table_names())
+    for table in metadata.sorted_tables:
+        if table.name not in existing:
+            table.create(conn)
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have:
+                ddl = CreateColumn(column).compile(dialect=conn.dialect)
+                log.info("migration: adding column %s.%s", table.name, column.name)
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+        have_indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in have_indexes:
+                index.create(conn)
+
+
+# -- versions ----------------------------------------------------------------------
+
+
+def read_version(db: Database, conn: Connection, component: str) -> int:
+    """The recorded schema version (0 when none is recorded)."""
+    if component == "board" and db.is_sqlite:
+        return int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+    if not inspect(conn).has_table("ops_schema_version"):
+        return 0
+    row = conn.execute(
+        select(ops_schema_version.c.version).where(ops_schema_version.c.component == component)
+    ).first()
+    return int(row[0]) if row else 0
+
+
+def _write_version(db: Database, conn: Connection, component: str, version: int, now: int) -> None:
+    if component == "board" and db.is_sqlite:
+        conn.exec_driver_sql(f"PRAGMA user_version={int(version)}")
+        return
+    ops_schema_version.create(conn, checkfirst=True)
+    updated = conn.execute(
+        ops_schema_version.update()
+        .where(ops_schema_version.c.component == component)
+        .values(version=version, updated_at=now)
+    )
+    if updated.rowcount == 0:
+        conn.execute(
+            ops_schema_version.insert().values(component=component, version=version, updated_at=now)
+        )
+
+
+def _plan(component: str) -> tuple[tuple[Migration, ...], int]:
+    if component == "board":
+        return BOARD_MIGRATIONS, BOARD_SCHEMA_VERSION
+    return OPS_MIGRATIONS, OPS_SCHEMA_VERSION
+
+
+def inspect_database(db: Database, component: str) -> tuple[int, set[str]]:
+    """Recorded schema version (0 if none) and table names, changing nothing.
+
+    SQLite files are read over a read-only connection (see :meth:`Database.probe`).
+    """
+    if db.is_sqlite:
+        if not db.exists():
+            return 0, set()
+        probe = db.probe()
+        version = probe.user_version if component == "board" else probe.versions.get(component, 0)
+        return version, probe.tables
+    try:
+        with db.read() as conn:
+            return read_version(db, conn, component), set(inspect(conn).get_table_names())
+    except DBAPIError as exc:
+        raise db.error("cannot read", exc) from exc
+
+
+def refuse_newer(db: Database, component: str, version: int) -> None:
+    _, latest = _plan(component)
+    if version > latest:
+        raise StorageError(
+            f"the {db.role} database {db.display_url} has schema version {version}, newer "
+            f"than this SparkOps knows ({latest}); upgrade SparkOps. Nothing was changed"
+        )
+
+
+def required_tables(component: str) -> tuple[str, ...]:
+    return CORE_BOARD_TABLES if component == "board" else tuple(ops_metadata.tables)
+
+
+def migrate(db: Database, component: str, now: int) -> list[Migration]:
+    """Bring ``db`` to the latest schema in one transaction; return what ran."""
+    migrations, latest = _plan(component)
+    applied: list[Migration] = []
+    try:
+        with db.write() as conn:
+            version = read_version(db, conn, component)
+            refuse_newer(db, component, version)
+            for migration in migrations:
+                if migration.version > version:
+                    log.info("migrating %s database to v%d: %s", component,
+                             migration.version, migration.description)
+                    migration.apply(conn)
+                    applied.append(migration)
+            if applied or version != latest:
+                _write_version(db, conn, component, latest, now)
+    except DBAPIError as exc:
+        raise db.error("cannot migrate", exc) from exc
+    return applied
