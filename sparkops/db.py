@@ -129,12 +129,7 @@ class Database:
         Used before the engine touches the file (the engine switches it to WAL),
         so a database SparkOps refuses is left byte for byte as it was.
         """
-        assert self.path is not None
-        uri = f"file:{self.path}?mode=ro"
-        try:
-            raw = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout_ms / 1000.0)
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the {self.role} database {self.path}: {exc}") from exc
+        raw = self._readonly_connection()
         try:
             user_version = int(raw.execute("PRAGMA user_version").fetchone()[0])
             tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -152,20 +147,33 @@ class Database:
             raw.close()
         return SqliteProbe(user_version=user_version, tables=tables, versions=versions)
 
+    def _readonly_connection(self) -> sqlite3.Connection:
+        assert self.path is not None
+        # Without a -wal file there is nothing beyond the main file to read, and
+        # "immutable" keeps SQLite from creating -wal/-shm sidecars.
+        wal_present = Path(f"{self.path}-wal").exists()
+        uri = f"file:{self.path}?mode=ro" + ("" if wal_present else "&immutable=1")
+        try:
+            return sqlite3.connect(uri, uri=True, timeout=self.busy_timeout_ms / 1000.0)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the {self.role} database {self.path}: {exc}") from exc
+
     def prepare_location(self) -> None:
         """Create the directory of a SQLite file (the data dir) on first use."""
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def check_integrity(self) -> None:
-        """Run SQLite's ``quick_check``; raise :class:`StorageError` if it fails."""
+        """Run SQLite's ``quick_check`` read-only; raise :class:`StorageError` if it fails."""
         if not self.is_sqlite or not self.exists():
             return
+        raw = self._readonly_connection()
         try:
-            with self.engine.connect() as conn:
-                rows = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").fetchall()]
-        except DBAPIError as exc:
-            raise self.error("cannot check", exc) from exc
+            rows = [r[0] for r in raw.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            rows = [str(exc)]
+        finally:
+            raw.close()
         if rows != ["ok"]:
             raise StorageError(
                 f"the {self.role} database {self.path} is damaged ({'; '.join(rows[:3])}); "

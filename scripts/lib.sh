@@ -1,0 +1,66 @@
+# Shared set-up steps for scripts/up and scripts/test. Sourced, not run.
+
+in_ci() { [ "${CI:-}" = "true" ] || [ "${CI:-}" = "1" ]; }
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+# ensure_venv DIR REQUIREMENTS: create DIR and install REQUIREMENTS into it,
+# skipping the install when the requirements files have not changed.
+ensure_venv() {
+  local dir=$1 req=$2 python=${PYTHON:-python3} stamp
+  if [ ! -x "$dir/bin/python" ]; then
+    say "creating virtualenv $dir"
+    "$python" -m venv "$dir" || {
+      echo "cannot create a virtualenv with $python; on Debian: apt-get install python3-venv" >&2
+      exit 2
+    }
+  fi
+  stamp=$(cat requirements*.txt | sha256sum | cut -c1-16)
+  if [ "$(cat "$dir/.sparkops-installed" 2>/dev/null)" != "$req:$stamp" ]; then
+    say "installing $req into $dir"
+    "$dir/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+    echo "$req:$stamp" > "$dir/.sparkops-installed"
+  fi
+}
+
+# ensure_hermes DIR: the real Hermes Agent CLI in its own virtualenv. Without it
+# the live interop tests skip, except in CI where they must run.
+HERMES_VERSION=0.19.0
+ensure_hermes() {
+  local dir=$1 python=${PYTHON:-python3}
+  if [ -x "$dir/bin/hermes" ] && [ "$(cat "$dir/.sparkops-installed" 2>/dev/null)" = "$HERMES_VERSION" ]; then
+    return 0
+  fi
+  say "installing hermes-agent==$HERMES_VERSION into $dir (for the interop tests)"
+  if "$python" -m venv "$dir" && "$dir/bin/pip" install --quiet --disable-pip-version-check \
+      "hermes-agent==$HERMES_VERSION"; then
+    echo "$HERMES_VERSION" > "$dir/.sparkops-installed"
+  elif in_ci; then
+    echo "hermes-agent could not be installed; CI needs it for the interop tests" >&2
+    exit 1
+  else
+    say "hermes-agent not installed: the live interop tests will be skipped"
+  fi
+}
+
+# ensure_postgres: start the local cluster if it is installed and down.
+ensure_postgres() {
+  if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+    return 0
+  fi
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    say "starting PostgreSQL $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 1 30); do
+      pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && return 0
+      sleep 1
+    done
+  fi
+  if in_ci; then
+    echo "PostgreSQL is not running on 127.0.0.1:5432; CI needs it" >&2
+    exit 1
+  fi
+  say "PostgreSQL not available: the PostgreSQL tests will be skipped"
+}

@@ -1,0 +1,143 @@
+"""Shared fixtures: real SQLite files in tmp_path and a real PostgreSQL.
+
+PostgreSQL tests use the server on 127.0.0.1:5432 (override with
+``SPARKOPS_TEST_PG``, a URL to a maintenance database). Each test gets a fresh
+database that is dropped afterwards. Where no server answers, PostgreSQL tests
+are skipped, except under CI (``CI=true``), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from sparkops.config import Settings, load_settings
+from sparkops.store import Store, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("SPARKOPS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+NOW = 1_790_000_000  # a fixed "now" for tests that pass the clock
+
+
+def _pg_available() -> str | None:
+    try:
+        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "no server"
+        return str(exc).splitlines()[0]
+
+
+_PG_PROBLEM = _pg_available()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database; dropped after the test."""
+    if _PG_PROBLEM is not None:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI but not reachable: {_PG_PROBLEM}")
+        pytest.skip(f"PostgreSQL not reachable: {_PG_PROBLEM}")
+    name = f"sparkops_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}".replace("postgresql+psycopg://", "postgresql://")
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write ``sparkops.toml`` in tmp_path from a dict of sections."""
+
+    def write(sections: dict[str, dict] | None = None, text_: str | None = None) -> Path:
+        path = tmp_path / "sparkops.toml"
+        if text_ is not None:
+            path.write_text(text_)
+            return path
+        lines = []
+        for section, values in (sections or {}).items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                if isinstance(value, bool):
+                    lines.append(f"{key} = {'true' if value else 'false'}")
+                elif isinstance(value, (int, float)):
+                    lines.append(f"{key} = {value}")
+                else:
+                    lines.append(f'{key} = "{value}"')
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return write
+
+
+def make_settings(tmp_path: Path, board_url: str | None = None, ops_url: str | None = None,
+                  **env: str) -> Settings:
+    environ = {
+        "SPARKOPS_STORAGE_BOARD_URL": board_url or f"sqlite:///{tmp_path}/data/kanban.db",
+        "SPARKOPS_STORAGE_OPS_URL": ops_url or f"sqlite:///{tmp_path}/data/sparkops.db",
+        **env,
+    }
+    return load_settings(env=environ, cwd=tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def settings(backend: str, tmp_path: Path, request) -> Settings:
+    """Settings for a fresh board on the backend of this test's parameter."""
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        return make_settings(tmp_path, board_url=url, ops_url=url)
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[Store]:
+    st = open_store(settings, create=True, now=NOW)
+    try:
+        yield st
+    finally:
+        st.dispose()
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def sqlite_store(sqlite_settings: Settings) -> Iterator[Store]:
+    st = open_store(sqlite_settings, create=True, now=NOW)
+    try:
+        yield st
+    finally:
+        st.dispose()
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``python -m sparkops`` as a real subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SPARKOPS_")}
+    full_env["PYTHONPATH"] = str(ROOT)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "sparkops", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
