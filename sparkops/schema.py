@@ -43,6 +43,8 @@ from sparkops.errors import StorageError
 log = logging.getLogger(__name__)
 
 # Epoch seconds: INTEGER on SQLite (as Hermes declares them), BIGINT on PostgreSQL.
+# Primary keys are declared nullable=True only to render Hermes' exact DDL
+# ("id TEXT PRIMARY KEY", no NOT NULL); PostgreSQL makes every key NOT NULL anyway.
 Epoch = Integer().with_variant(BigInteger(), "postgresql")
 
 board_metadata = MetaData()
@@ -50,7 +52,7 @@ board_metadata = MetaData()
 tasks = Table(
     "tasks",
     board_metadata,
-    Column("id", Text, primary_key=True),
+    Column("id", Text, primary_key=True, nullable=True),
     Column("title", Text, nullable=False),
     Column("body", Text),
     Column("assignee", Text),
@@ -105,7 +107,7 @@ task_links = Table(
 task_comments = Table(
     "task_comments",
     board_metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Integer, primary_key=True, autoincrement=True, nullable=True),
     Column("task_id", Text, nullable=False),
     Column("author", Text, nullable=False),
     Column("body", Text, nullable=False),
@@ -117,7 +119,7 @@ task_comments = Table(
 task_events = Table(
     "task_events",
     board_metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Integer, primary_key=True, autoincrement=True, nullable=True),
     Column("task_id", Text, nullable=False),
     Column("run_id", Integer),
     Column("kind", Text, nullable=False),
@@ -131,7 +133,7 @@ task_events = Table(
 task_runs = Table(
     "task_runs",
     board_metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Integer, primary_key=True, autoincrement=True, nullable=True),
     Column("task_id", Text, nullable=False),
     Column("profile", Text),
     Column("step_key", Text),
@@ -159,7 +161,7 @@ task_runs = Table(
 task_attachments = Table(
     "task_attachments",
     board_metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Integer, primary_key=True, autoincrement=True, nullable=True),
     Column("task_id", Text, nullable=False),
     Column("filename", Text, nullable=False),
     Column("stored_path", Text, nullable=False),
