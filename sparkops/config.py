@@ -23,6 +23,7 @@ the environment or ``.streamlit/secrets.toml`` (see :class:`Secrets`).
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -239,6 +240,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     for section, table in data.items():
         if section.lower() in SECRET_KEYS:
             raise _secret_error(section, path)
+        if isinstance(table, dict) and any(k.lower() in SECRET_KEYS for k in table):
+            secret = next(k for k in table if k.lower() in SECRET_KEYS)
+            raise _secret_error(f"{section}.{secret}", path)
         if section not in SECTIONS:
             raise ConfigError(
                 f"unknown section [{section}] in {path}; "
@@ -330,6 +334,8 @@ def _resolve(setting: Setting, value: Any, base_dir: Path, where: str) -> Any:
             raise bad()
         if kind == "int" and not isinstance(value, int):
             raise bad()
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+            raise bad()
         if setting.minimum is not None and value < setting.minimum:
             raise bad()
         if setting.maximum is not None and value > setting.maximum:
@@ -405,7 +411,10 @@ def load_secrets(
                 data = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read secrets file {secrets_file}: {exc}") from exc
-        from_file = {**data, **(data.get("sparkops") or {})}
+        table = data.get("sparkops") or {}
+        if not isinstance(table, dict):
+            raise ConfigError(f"sparkops in {secrets_file} must be a table ([sparkops]), got a value")
+        from_file = {**data, **table}
 
     def pick(env_name: str, key: str) -> str | None:
         value = env.get(env_name) or from_file.get(key)
