@@ -1,0 +1,245 @@
+"""The jobs runner: the promote job, failing jobs, the loop, the lock, the process."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, update
+
+from conftest import NOW, ROOT, make_settings
+from sparkops import board, queries
+from sparkops.runner import (
+    AlreadyRunning,
+    Job,
+    Runner,
+    RunnerLock,
+    default_jobs,
+    lock_path,
+    promote,
+)
+from sparkops.schema import tasks
+from sparkops.store import open_store
+
+
+def finish_behind_our_back(board_file: Path, task_id: str, at: int) -> None:
+    """What Hermes does: mark a task done with its own connection, without
+    promoting the children."""
+    engine = create_engine(f"sqlite:///{board_file}")
+    with engine.begin() as conn:
+        conn.execute(update(tasks).where(tasks.c.id == task_id)
+                     .values(status="done", completed_at=at))
+    engine.dispose()
+
+
+def make_due(runner: Runner, name: str) -> None:
+    """Backdate a job's next run instead of sleeping until it is due."""
+    job = next(j for j in runner.scheduler.jobs if name in j.tags)
+    job.next_run = datetime.datetime.now() - datetime.timedelta(seconds=1)
+
+
+# -- jobs and the loop, in process ----------------------------------------------------------
+
+
+def test_promote_job_promotes_a_child_whose_parent_was_finished_elsewhere(sqlite_store, tmp_path):
+    parent = board.create_task(sqlite_store.board, "parent", now=NOW)
+    child = board.create_task(sqlite_store.board, "child", parents=[parent], now=NOW)
+    finish_behind_our_back(tmp_path / "data" / "kanban.db", parent, at=NOW + 5)
+    assert queries.get_task(sqlite_store.board, child)["status"] == "todo"
+
+    runner = Runner(sqlite_store, [Job("promote", 5, promote)], clock=lambda: NOW + 10)
+    result = runner.run_job("promote")
+
+    assert result.ok and result.result == [child]
+    assert queries.get_task(sqlite_store.board, child)["status"] == "ready"
+    events = queries.list_events(sqlite_store.board, task_id=child, kinds=["promoted"])
+    assert [e["created_at"] for e in events] == [NOW + 10]  # the runner's clock reached the job
+    assert runner.run_job("promote").result == []  # nothing left to promote
+
+
+def test_promote_runs_when_due_on_the_schedule(sqlite_store, tmp_path):
+    parent = board.create_task(sqlite_store.board, "parent", now=NOW)
+    child = board.create_task(sqlite_store.board, "child", parents=[parent], now=NOW)
+    finish_behind_our_back(tmp_path / "data" / "kanban.db", parent, at=NOW + 5)
+    runner = Runner(sqlite_store, [Job("promote", 60, promote)], clock=lambda: NOW + 10)
+
+    assert runner.run_pending_once() == []  # not due yet
+    assert queries.get_task(sqlite_store.board, child)["status"] == "todo"
+    make_due(runner, "promote")
+    ran = runner.run_pending_once()
+    assert [(r.name, r.ok, r.result) for r in ran] == [("promote", True, [child])]
+
+
+def test_interval_comes_from_the_settings(tmp_path):
+    settings = make_settings(tmp_path, SPARKOPS_RUNNER_PROMOTE_INTERVAL_SECONDS="2.5")
+    assert [(j.name, j.every_seconds) for j in default_jobs(settings)] == [("promote", 2.5)]
+
+
+def test_a_failing_job_is_logged_and_stays_scheduled(sqlite_store, caplog):
+    calls = []
+
+    def flaky(store, *, now):
+        calls.append(now)
+        if len(calls) == 1:
+            raise RuntimeError("model server unreachable")
+        return "ok"
+
+    runner = Runner(sqlite_store, [Job("flaky", 60, flaky)], clock=lambda: NOW)
+    make_due(runner, "flaky")
+    with caplog.at_level(logging.ERROR, logger="sparkops.runner"):
+        ran = runner.run_pending_once()
+
+    assert [(r.ok, r.error) for r in ran] == [(False, "RuntimeError: model server unreachable")]
+    assert "job flaky failed" in caplog.text and "model server unreachable" in caplog.text
+    assert len(runner.scheduler.jobs) == 1  # still scheduled...
+    assert runner.next_run("flaky") > datetime.datetime.now()  # ...for its next interval
+    assert runner.run_pending_once() == []
+
+    make_due(runner, "flaky")
+    ran = runner.run_pending_once()
+    assert [(r.ok, r.result) for r in ran] == [(True, "ok")]
+    assert calls == [NOW, NOW]
+    assert runner.last_results["flaky"].ok
+
+
+def test_run_forever_finishes_the_current_job_then_returns(sqlite_store):
+    finished = []
+
+    def stops_midway(store, *, now):
+        runner.request_stop("test")  # as a SIGTERM during the job would
+        finished.append(now)
+
+    def never(store, *, now):
+        raise AssertionError("no job starts after a stop was requested")
+
+    runner = Runner(sqlite_store, [Job("first", 60, stops_midway), Job("second", 60, never)],
+                    clock=lambda: NOW)
+    make_due(runner, "first")
+    make_due(runner, "second")
+    runner.run_forever(poll_seconds=0.01)
+
+    assert finished == [NOW]
+    assert runner.stop_reason == "test"
+    assert "second" not in runner.last_results
+
+
+# -- the lock ---------------------------------------------------------------------------------
+
+
+def test_lock_file_sits_next_to_the_ops_database(tmp_path):
+    settings = make_settings(tmp_path)
+    assert lock_path(settings) == tmp_path / "data" / "sparkops.db.runner.lock"
+
+
+def test_second_lock_is_refused_naming_the_lock_and_the_holder(tmp_path):
+    path = tmp_path / "data" / "sparkops.db.runner.lock"
+    with RunnerLock(path):
+        assert path.read_text().strip() == str(os.getpid())
+        with pytest.raises(AlreadyRunning) as refused:
+            RunnerLock(path).acquire()
+        assert refused.value.holder == str(os.getpid())
+        assert str(path) in str(refused.value) and f"pid {os.getpid()}" in str(refused.value)
+    with RunnerLock(path):  # released: the next runner gets it
+        pass
+
+
+# -- the real process ---------------------------------------------------------------------
+
+
+def runner_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARKOPS_")}
+    env.update({
+        "PYTHONPATH": str(ROOT),
+        "SPARKOPS_STORAGE_BOARD_URL": f"sqlite:///{tmp_path}/data/kanban.db",
+        "SPARKOPS_STORAGE_OPS_URL": f"sqlite:///{tmp_path}/data/sparkops.db",
+        "SPARKOPS_RUNNER_LOG_FILE": str(tmp_path / "logs" / "runner.log"),
+        "SPARKOPS_RUNNER_PROMOTE_INTERVAL_SECONDS": "0.2",
+        **extra,
+    })
+    return env
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited with {proc.returncode} while waiting for {what}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def started_runner(tmp_path):
+    """A real ``jobs_runner.py``, started and logged in; killed if a test fails."""
+    log_file = tmp_path / "logs" / "runner.log"
+    with open(tmp_path / "runner.out", "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs_runner.py")], cwd=tmp_path,
+                                env=runner_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: log_file.exists() and "jobs runner started" in log_file.read_text(),
+                 30, "the runner's start-up line in its log", proc)
+        yield proc, log_file
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_runner_process_promotes_refuses_a_second_runner_and_stops_on_sigterm(started_runner, tmp_path):
+    proc, log_file = started_runner
+
+    settings = make_settings(tmp_path)
+    store = open_store(settings)  # the runner created the databases
+    try:
+        parent = board.create_task(store.board, "parent")
+        child = board.create_task(store.board, "child", parents=[parent])
+        finish_behind_our_back(tmp_path / "data" / "kanban.db", parent, at=int(time.time()))
+        wait_for(lambda: queries.get_task(store.board, child)["status"] == "ready", 15,
+                 "the runner to promote the child", proc)
+    finally:
+        store.dispose()
+    assert "promoted 1 task(s) to ready: " + child in log_file.read_text()
+
+    second = subprocess.run([sys.executable, str(ROOT / "jobs_runner.py")], cwd=tmp_path,
+                            env=runner_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert str(lock_path(settings)) in second.stderr
+    assert f"pid {proc.pid}" in second.stderr
+    assert proc.poll() is None  # the first one is unharmed
+
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert time.monotonic() - started < 5
+    assert "jobs runner stopped (SIGTERM)" in log_file.read_text()
+
+
+def test_runner_process_stops_cleanly_on_sigint(started_runner):
+    proc, log_file = started_runner
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 0
+    assert "jobs runner stopped (SIGINT)" in log_file.read_text()
+
+
+@pytest.mark.parametrize("args, extra_env, expected", [
+    (["--config", "missing.toml"], {}, "missing.toml does not exist"),
+    ([], {"SPARKOPS_RUNNER_PROMOTE_INTERVAL_SECONDS": "0"}, "runner.promote_interval_seconds must be"),
+])
+def test_bad_config_is_one_line_on_stderr_and_exit_2(tmp_path, args, extra_env, expected):
+    result = subprocess.run([sys.executable, str(ROOT / "jobs_runner.py"), *args], cwd=tmp_path,
+                            env=runner_env(tmp_path, **extra_env), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("jobs_runner: error: ") and expected in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "data").exists()  # nothing was created
