@@ -89,7 +89,7 @@ def cmd_task_create(args, store: Store) -> int:
             raise InvalidInput(f"cannot read --body-file {args.body_file}: {exc.strerror}") from exc
     task_id = board.create_task(
         store.board, args.title, body=body, assignee=args.assignee, priority=args.priority,
-        parents=args.parent or (), triage=args.triage, created_by=args.created_by,
+        parents=args.parent or (), triage=args.triage, created_by=args.created_by or _actor(),
         max_runtime_seconds=args.max_runtime, max_retries=args.max_retries,
         idempotency_key=args.idempotency_key,
     )
@@ -161,6 +161,11 @@ def _print_runs(runs: list[dict]) -> None:
             print(f"        → {detail.strip().splitlines()[0][:200]}")
 
 
+def _actor() -> str:
+    """Who is acting: the Hermes profile of an agent, else the login name."""
+    return os.environ.get("HERMES_PROFILE") or getpass.getuser()
+
+
 def _run_for(args, task_id: str) -> int | None:
     """``--run``, or the worker's own run when a worker reports on its own task."""
     if args.run is not None:
@@ -206,7 +211,7 @@ def cmd_task_unblock(args, store: Store) -> int:
 
 
 def cmd_task_promote(args, store: Store) -> int:
-    change = board.promote(store.board, args.task_id, actor=args.actor or getpass.getuser(),
+    change = board.promote(store.board, args.task_id, actor=args.actor or _actor(),
                            reason=args.reason, force=args.force)
     return _report(args, change, "Promoted")
 
@@ -216,7 +221,7 @@ def cmd_task_archive(args, store: Store) -> int:
 
 
 def cmd_task_comment(args, store: Store) -> int:
-    author = args.author or os.environ.get("HERMES_PROFILE") or getpass.getuser()
+    author = args.author or _actor()
     comment_id = board.comment(store.board, args.task_id, " ".join(args.text), author=author)
     _emit(args, {"task_id": args.task_id, "comment_id": comment_id},
           lambda: print(f"Comment added to {args.task_id}"))
@@ -262,7 +267,9 @@ def cmd_stats(args, store: Store) -> int:
     stats = queries.board_stats(store.board)
 
     def text() -> None:
-        print(f"{stats['total']} tasks, {stats['open']} open, {stats['active_runs']} running runs")
+        total = sum(stats["by_status"].values())
+        print(f"{total} tasks ({stats['archived']} archived not counted), {stats['open']} open, "
+              f"{stats['active_runs']} running runs")
         for status, count in stats["by_status"].items():
             print(f"  {status:<10} {count}")
         if stats["by_assignee"]:

@@ -128,19 +128,23 @@ def list_events(db: Database, *, task_id: str | None = None, since: int | None =
 
 
 def board_stats(db: Database, *, now: float | None = None) -> dict[str, Any]:
-    """Counts per status and per assignee, and the oldest ready task's age,
-    in the shape of ``hermes kanban stats --json``."""
+    """Counts per status and per assignee and the oldest ready task's age, in the
+    shape of ``hermes kanban stats --json`` (which leaves archived tasks out of
+    both counts); ``archived`` is counted on its own."""
     ts = epoch(now)
+    live = tasks.c.status != Status.ARCHIVED
     with db.read() as conn:
         by_status = {s: n for s, n in conn.execute(
-            select(tasks.c.status, func.count()).group_by(tasks.c.status).order_by(tasks.c.status))}
+            select(tasks.c.status, func.count()).where(live)
+            .group_by(tasks.c.status).order_by(tasks.c.status))}
         by_assignee: dict[str, dict[str, int]] = {}
         for assignee, status, count in conn.execute(
                 select(tasks.c.assignee, tasks.c.status, func.count())
-                .where(tasks.c.assignee.is_not(None))
+                .where(live, tasks.c.assignee.is_not(None))
                 .group_by(tasks.c.assignee, tasks.c.status)
                 .order_by(tasks.c.assignee, tasks.c.status)):
             by_assignee.setdefault(assignee, {})[status] = count
+        archived = conn.execute(select(func.count()).select_from(tasks).where(~live)).scalar()
         oldest_ready = conn.execute(
             select(func.min(tasks.c.created_at)).where(tasks.c.status == Status.READY)).scalar()
         running = conn.execute(select(func.count()).select_from(task_runs)
@@ -150,7 +154,7 @@ def board_stats(db: Database, *, now: float | None = None) -> dict[str, Any]:
         "by_assignee": by_assignee,
         "oldest_ready_age_seconds": (ts - int(oldest_ready)) if oldest_ready is not None else None,
         "active_runs": int(running or 0),
-        "total": sum(by_status.values()),
+        "archived": int(archived or 0),
         "open": sum(n for s, n in by_status.items() if s not in FINISHED),
         "now": ts,
     }

@@ -36,16 +36,17 @@ def test_list_orders_by_priority_then_age_and_hides_archived(store, populated):
 
 def test_stats_counts_and_oldest_ready_age(store, populated):
     stats = queries.board_stats(store.board, now=NOW + 100)
-    assert stats["by_status"] == {"archived": 1, "ready": 2, "running": 1}
+    # archived tasks are left out of the counts, as `hermes kanban stats` does
+    assert stats["by_status"] == {"ready": 2, "running": 1}
     assert stats["by_assignee"] == {"a": {"ready": 2}, "b": {"running": 1}}
     assert stats["oldest_ready_age_seconds"] == 100  # "low old", created at NOW
-    assert (stats["total"], stats["open"], stats["active_runs"]) == (4, 3, 1)
+    assert (stats["archived"], stats["open"], stats["active_runs"]) == (1, 3, 1)
 
 
 def test_stats_on_empty_board(store):
     stats = queries.board_stats(store.board, now=NOW)
     assert stats["by_status"] == {} and stats["oldest_ready_age_seconds"] is None
-    assert stats["total"] == 0 and stats["active_runs"] == 0
+    assert stats["archived"] == 0 and stats["active_runs"] == 0
 
 
 def test_runs_and_events_filters(store, populated):

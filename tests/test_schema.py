@@ -15,7 +15,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "hermes_board.db"
 
 def shape(path: Path) -> dict:
     """Tables -> columns (name, type, notnull, default, pk) and index -> columns."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    # immutable: a read-only connection to a WAL database would still create sidecars
+    conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
     try:
         tables = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
