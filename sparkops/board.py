@@ -91,6 +91,10 @@ BLOCK_KINDS = frozenset({"dependency", "needs_input", "capability", "transient"}
 DEFAULT_CLAIM_TTL = 15 * 60
 ERROR_EXCERPT = 500
 
+#: Columns cleared whenever a task stops being claimed by a run.
+RELEASE_CLAIM = {"claim_lock": None, "claim_expires": None, "worker_pid": None,
+                 "current_run_id": None}
+
 
 @dataclass(frozen=True)
 class Change:
@@ -239,8 +243,7 @@ def claim(db: Database, task_id: str, *, lock: str, ttl_seconds: int = DEFAULT_C
     """``ready`` (or ``review``) -> ``running``: opens a run; ``lock`` is ``host:pid``."""
     ts = epoch(now)
     with db.write() as conn:
-        row = _task_row(conn, task_id)
-        _check_allowed(row, "claim")
+        row = _begin(conn, task_id, "claim")
         if row.status == Status.READY:
             unfinished = _unfinished_parents(conn, task_id)
             if unfinished:
@@ -270,13 +273,10 @@ def complete(db: Database, task_id: str, *, run_id: int | None = None,
     complete the task. Children whose parents are now all finished become ready."""
     ts = epoch(now)
     with db.write() as conn:
-        row = _task_row(conn, task_id)
-        _check_run(row, run_id)
-        _check_allowed(row, "complete")
+        row = _begin(conn, task_id, "complete", run_id)
         _conditional_update(conn, row, "complete", Status.DONE, {
-            "result": result, "completed_at": ts, "claim_lock": None, "claim_expires": None,
-            "worker_pid": None, "block_kind": None, "block_recurrences": 0,
-            "consecutive_failures": 0, "last_failure_error": None, "current_run_id": None,
+            **RELEASE_CLAIM, "result": result, "completed_at": ts, "block_kind": None,
+            "block_recurrences": 0, "consecutive_failures": 0, "last_failure_error": None,
         })
         closing = summary if summary is not None else result
         closed = _close_run(conn, row, status="done", outcome=Outcome.COMPLETED,
@@ -300,11 +300,8 @@ def block(db: Database, task_id: str, *, reason: str | None = None, kind: str | 
         raise InvalidInput(f"block kind must be one of {', '.join(sorted(BLOCK_KINDS))}, got {kind!r}")
     ts = epoch(now)
     with db.write() as conn:
-        row = _task_row(conn, task_id)
-        _check_run(row, run_id)
-        _check_allowed(row, "block")
-        clear = {"claim_lock": None, "claim_expires": None, "worker_pid": None,
-                 "current_run_id": None, "block_kind": kind}
+        row = _begin(conn, task_id, "block", run_id)
+        clear = {**RELEASE_CLAIM, "block_kind": kind}
         if kind == "dependency":
             target, event_kind = Status.TODO, "dependency_wait"
             payload: dict[str, Any] = {"reason": reason, "kind": kind}
@@ -332,8 +329,7 @@ def unblock(db: Database, task_id: str, *, now: float | None = None) -> Change:
     A deliberate unblock gives the task a fresh failure budget."""
     ts = epoch(now)
     with db.write() as conn:
-        row = _task_row(conn, task_id)
-        _check_allowed(row, "unblock")
+        row = _begin(conn, task_id, "unblock")
         target = Status.TODO if _unfinished_parents(conn, task_id) else Status.READY
         _conditional_update(conn, row, "unblock", target, {
             "current_run_id": None, "consecutive_failures": 0, "last_failure_error": None,
@@ -351,8 +347,7 @@ def promote(db: Database, task_id: str, *, actor: str = "user", reason: str | No
     while a parent is unfinished unless ``force``."""
     ts = epoch(now)
     with db.write() as conn:
-        row = _task_row(conn, task_id)
-        _check_allowed(row, "promote")
+        row = _begin(conn, task_id, "promote")
         unfinished = _unfinished_parents(conn, task_id)
         if unfinished and not force:
             raise TransitionRefused(task_id, "promote", row.status,
@@ -374,9 +369,7 @@ def archive(db: Database, task_id: str, *, now: float | None = None) -> Change:
             raise TransitionRefused(task_id, "archive", row.status,
                                     "its worker may still be running; reclaim it first")
         _check_allowed(row, "archive")
-        _conditional_update(conn, row, "archive", Status.ARCHIVED, {
-            "claim_lock": None, "claim_expires": None, "worker_pid": None, "current_run_id": None,
-        })
+        _conditional_update(conn, row, "archive", Status.ARCHIVED, RELEASE_CLAIM)
         closed = _close_run(conn, row, status="reclaimed", outcome=Outcome.RECLAIMED,
                             summary="task archived with run still active", now=ts)
         _event(conn, task_id, "archived", None, run_id=closed, now=ts)
@@ -393,12 +386,8 @@ def reclaim(db: Database, task_id: str, *, run_id: int, reason: str,
     stale information changes nothing."""
     ts = epoch(now)
     with db.write() as conn:
-        row = _task_row(conn, task_id)
-        _check_run(row, run_id)
-        _check_allowed(row, "reclaim")
-        _conditional_update(conn, row, "reclaim", Status.READY, {
-            "claim_lock": None, "claim_expires": None, "worker_pid": None, "current_run_id": None,
-        })
+        row = _begin(conn, task_id, "reclaim", run_id)
+        _conditional_update(conn, row, "reclaim", Status.READY, RELEASE_CLAIM)
         _close_run(conn, row, status="reclaimed", outcome=Outcome.RECLAIMED,
                    error=reason[:ERROR_EXCERPT], now=ts)
         _event(conn, task_id, "reclaimed", {"reason": reason, "prev_lock": row.claim_lock},
@@ -420,18 +409,13 @@ def fail(db: Database, task_id: str, *, run_id: int, outcome: Outcome, error: st
     ts = epoch(now)
     excerpt = (error or "")[:ERROR_EXCERPT]
     with db.write() as conn:
-        row = _task_row(conn, task_id)
-        _check_run(row, run_id)
-        _check_allowed(row, "fail")
+        row = _begin(conn, task_id, "fail", run_id)
         counted = outcome in COUNTED_FAILURES
         failures = (row.consecutive_failures or 0) + (1 if counted else 0)
         limit = row.max_retries if row.max_retries is not None else failure_limit
         tripped = counted and failures >= limit
         target = Status.BLOCKED if tripped else Status.READY
-        values: dict[str, Any] = {
-            "claim_lock": None, "claim_expires": None, "worker_pid": None,
-            "current_run_id": None, "consecutive_failures": failures,
-        }
+        values: dict[str, Any] = {**RELEASE_CLAIM, "consecutive_failures": failures}
         if counted:
             values["last_failure_error"] = excerpt
         _conditional_update(conn, row, "fail", target, values)
@@ -474,6 +458,14 @@ def promote_ready(db: Database, *, now: float | None = None) -> list[str]:
 
 
 # -- the pieces every transition uses ----------------------------------------------
+
+
+def _begin(conn: Connection, task_id: str, action: str, run_id: int | None = None):
+    """The start of every transition: the row, the fencing check, the table check."""
+    row = _task_row(conn, task_id)
+    _check_run(row, run_id)
+    _check_allowed(row, action)
+    return row
 
 
 def _task_row(conn: Connection, task_id: str):
@@ -585,7 +577,7 @@ def _path_between(conn: Connection, start: str, goal: str) -> list[str]:
                     path.append(came_from[path[-1]])
                 return list(reversed(path))
             frontier.append(child)
-    return [start] if start == goal else []
+    return []
 
 
 def _promote_children(conn: Connection, task_id: str, *, now: int) -> list[str]:
