@@ -198,6 +198,16 @@ class Database:
         )
         return StorageError(f"{doing} the {self.role} database {self.display_url}: {reason}; {hint}")
 
+    # -- SQLite's header field for the board's schema version (see schema.py) --
+
+    @staticmethod
+    def sqlite_user_version(conn: Connection) -> int:
+        return int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+
+    @staticmethod
+    def set_sqlite_user_version(conn: Connection, version: int) -> None:
+        conn.exec_driver_sql(f"PRAGMA user_version={int(version)}")
+
     # -- transactions ---------------------------------------------------------
 
     @contextmanager

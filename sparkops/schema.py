@@ -246,7 +246,7 @@ def _create_missing(conn: Connection, metadata: MetaData) -> None:
             if column.name not in have:
                 ddl = CreateColumn(column).compile(dialect=conn.dialect)
                 log.info("migration: adding column %s.%s", table.name, column.name)
-                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
         have_indexes = {i["name"] for i in inspector.get_indexes(table.name)}
         for index in table.indexes:
             if index.name not in have_indexes:
@@ -259,7 +259,7 @@ def _create_missing(conn: Connection, metadata: MetaData) -> None:
 def read_version(db: Database, conn: Connection, component: str) -> int:
     """The recorded schema version (0 when none is recorded)."""
     if component == "board" and db.is_sqlite:
-        return int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+        return db.sqlite_user_version(conn)
     if not inspect(conn).has_table("ops_schema_version"):
         return 0
     row = conn.execute(
@@ -270,7 +270,7 @@ def read_version(db: Database, conn: Connection, component: str) -> int:
 
 def _write_version(db: Database, conn: Connection, component: str, version: int, now: int) -> None:
     if component == "board" and db.is_sqlite:
-        conn.exec_driver_sql(f"PRAGMA user_version={int(version)}")
+        db.set_sqlite_user_version(conn, version)
         return
     ops_schema_version.create(conn, checkfirst=True)
     updated = conn.execute(

@@ -70,3 +70,22 @@ def test_postgres_url_password_is_masked():
     assert "s3cret" not in str(err.value)
     assert "cannot connect to the board database" in str(err.value)
     db.dispose()
+
+
+def test_no_sqlite_specific_sql_outside_the_storage_module():
+    """SQLite-only SQL lives in sparkops/db.py; everything else is dialect-neutral."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sources = [*root.joinpath("sparkops").rglob("*.py"), root / "Home.py", root / "jobs_runner.py",
+               *root.joinpath("pages").glob("*.py")]
+    offenders = []
+    for path in sources:
+        if path.name == "db.py" and path.parent.name == "sparkops":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if any(word in code for word in ("PRAGMA ", "BEGIN IMMEDIATE", "sqlite_master",
+                                             "INSERT OR ", "exec_driver_sql")):
+                offenders.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert offenders == []
