@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from sparkops import __version__, board, queries
 from sparkops.config import SETTINGS, Settings, load_settings, mask_url
-from sparkops.errors import EXIT_REFUSED, EXIT_USAGE, InvalidInput, SparkOpsError, StorageError
+from sparkops.errors import InvalidInput, SparkOpsError, StorageError
 from sparkops.store import Store, open_store
 
 log = logging.getLogger("sparkops")
@@ -441,5 +441,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         if store is not None:
             store.dispose()
 
-
-__all__ = ["main", "build_parser", "EXIT_REFUSED", "EXIT_USAGE"]

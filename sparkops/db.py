@@ -27,7 +27,7 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
 
 from sparkops.config import mask_url
 from sparkops.errors import StorageError
@@ -271,5 +271,3 @@ def _postgres_engine(url: str) -> Engine:
         connect_args={"connect_timeout": 5, "application_name": "sparkops"},
     )
 
-
-__all__ = ["Database", "SQLAlchemyError", "OperationalError", "DBAPIError"]
