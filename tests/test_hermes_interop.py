@@ -92,9 +92,10 @@ def counts_from_list(rows: list[dict[str, Any]]) -> tuple[dict, dict]:
     return by_status, {who: dict(c) for who, c in by_assignee.items()}
 
 
-def schema_snapshot(db: Path) -> tuple[list[tuple], int]:
-    """sqlite_master and user_version, read without writing anything."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+def schema_snapshot(db: Path, *, immutable: bool = False) -> tuple[list[tuple], int]:
+    """sqlite_master and user_version, read without writing anything (``immutable``
+    also keeps SQLite from creating -wal/-shm files next to a WAL database)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro" + ("&immutable=1" if immutable else ""), uri=True)
     try:
         rows = sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"),
                       key=lambda r: (r[0], r[1]))
@@ -279,17 +280,7 @@ def test_sparkops_works_the_hermes_board(fixture_store: Store, hermes_copy: Path
     by_status = {s: n for s, n in queries.board_stats(db)["by_status"].items() if s != "archived"}
     assert by_status == {"done": 5, "ready": 3}
     # Working the board added no table, index or column to Hermes' schema.
-    assert schema_snapshot(hermes_copy)[0] == schema_snapshot_of_fixture()[0]
-
-
-def schema_snapshot_of_fixture() -> tuple[list[tuple], int]:
-    conn = sqlite3.connect(f"file:{FIXTURE_DB}?mode=ro&immutable=1", uri=True)
-    try:
-        rows = sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"),
-                      key=lambda r: (r[0], r[1]))
-        return rows, conn.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        conn.close()
+    assert schema_snapshot(hermes_copy)[0] == schema_snapshot(FIXTURE_DB, immutable=True)[0]
 
 
 def test_fixture_file_is_never_modified(hermes_copy: Path, tmp_path: Path):
