@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import threading
 from logging.handlers import RotatingFileHandler
@@ -23,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from sparkops.config import Settings, load_settings
 from sparkops.errors import EXIT_USAGE, SparkOpsError
-from sparkops.runner import Runner, RunnerLock, default_jobs, install_stop_handlers, lock_path
+from sparkops.runner import Runner, RunnerLock, install_stop_handlers, lock_path, new_context
 from sparkops.store import open_store
 
 log = logging.getLogger("sparkops.jobs_runner")
@@ -69,12 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"{exc.strerror}; check runner.log_file") from exc
             store = open_store(settings, create=True)
             try:
-                runner = Runner(store, default_jobs(settings), stop=stop)
+                runner = Runner(new_context(settings, store), stop=stop)
                 runner.install_signal_handlers()
                 log.info("jobs runner started on %s (pid %d, lock %s); board %s, ops %s; jobs: %s",
-                         socket.gethostname(), os.getpid(), lock.path, store.board.display_url,
+                         runner.ctx.host, os.getpid(), lock.path, store.board.display_url,
                          store.ops.display_url,
-                         ", ".join(f"{j.name} every {j.every_seconds:g}s" for j in runner.jobs.values()))
+                         ", ".join(f"{name} every {every:g}s" for name, every in runner.intervals().items()))
+                if settings["dispatch.mode"] == "native" and not settings["dispatch.agent_argv"]:
+                    log.warning("no agent configured (dispatch.agent_argv is empty): ready tasks "
+                                "will wait; see docs/configuration.md")
                 runner.run_forever()
                 log.info("jobs runner stopped (%s)", runner.stop_reason or "stop requested")
             finally:

@@ -36,7 +36,9 @@ GENERATOR = "scripts/gen_config_docs.py"
 
 SECTION_TITLES = {
     "storage": "Where the board and SparkOps' own data live.",
-    "dispatch": "How tasks are handed to workers.",
+    "host": "This machine's identity in claims and runs.",
+    "dispatch": "How tasks are handed to workers: capacity, the agent command, retries.",
+    "reclaim": "Finding runs whose worker is gone, hung or over its time, and closing them.",
     "runner": "The jobs runner (`python -m sparkops up`).",
     "ui": "The Streamlit app.",
 }
@@ -53,6 +55,8 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
     return json.dumps(str(value))  # a TOML basic string for plain text
 
 

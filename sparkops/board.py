@@ -62,15 +62,19 @@ class Outcome(StrEnum):
     RECLAIMED = "reclaimed"
     PROTOCOL_VIOLATION = "protocol_violation"
     RATE_LIMITED = "rate_limited"
+    WORKSPACE_MISSING = "workspace_missing"
 
 
 #: A parent in one of these no longer holds back its children.
 FINISHED = frozenset({Status.DONE, Status.ARCHIVED})
 
-#: Failure outcomes that count toward the circuit breaker.
+#: Failure outcomes that count toward ``consecutive_failures`` and the failure limit.
 COUNTED_FAILURES = frozenset(
-    {Outcome.CRASHED, Outcome.TIMED_OUT, Outcome.SPAWN_FAILED, Outcome.PROTOCOL_VIOLATION}
+    {Outcome.CRASHED, Outcome.TIMED_OUT, Outcome.SPAWN_FAILED, Outcome.WORKSPACE_MISSING}
 )
+#: Outcomes of :func:`fail`: the counted ones, a protocol violation (its own limit,
+#: on the streak of such runs) and a rate limit (never counted).
+FAILURE_OUTCOMES = COUNTED_FAILURES | {Outcome.PROTOCOL_VIOLATION, Outcome.RATE_LIMITED}
 
 #: action -> the statuses it may start from. The target is decided by the action.
 TRANSITIONS: dict[str, frozenset[Status]] = {
@@ -111,6 +115,29 @@ class Change:
             "task_id": self.task_id, "action": self.action, "from": self.from_status,
             "to": self.to_status, "run_id": self.run_id,
         }
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a task that failed or was rate limited may be claimed again."""
+
+    backoff_seconds: float = 30.0
+    backoff_max_seconds: float = 1800.0
+    rate_limit_cooldown_seconds: float = 300.0
+
+    def backoff(self, failures: int) -> float:
+        """Wait after ``failures`` consecutive failures: base, 2x base, 4x base, ..."""
+        if failures <= 0:
+            return 0.0
+        return min(self.backoff_seconds * 2 ** (failures - 1), self.backoff_max_seconds)
+
+    def not_before(self, failures: int, last_outcome: str | None, last_end: int | None) -> float:
+        """The earliest time a task may be claimed again."""
+        if last_end is None:
+            return 0.0
+        if last_outcome == Outcome.RATE_LIMITED:
+            return last_end + self.rate_limit_cooldown_seconds
+        return last_end + self.backoff(failures)
 
 
 def new_task_id() -> str:
@@ -249,21 +276,66 @@ def claim(db: Database, task_id: str, *, lock: str, ttl_seconds: int = DEFAULT_C
             if unfinished:
                 raise TransitionRefused(task_id, "claim", row.status,
                                         "parents not finished: " + ", ".join(unfinished))
-        _conditional_update(conn, row, "claim", Status.RUNNING, {
-            "claim_lock": lock, "claim_expires": ts + ttl_seconds, "worker_pid": None,
-            "started_at": func.coalesce(tasks.c.started_at, ts), "last_heartbeat_at": ts,
-        })
-        run_id = conn.execute(insert(task_runs).values(
-            task_id=task_id, profile=row.assignee, step_key=row.current_step_key,
-            status="running", claim_lock=lock, claim_expires=ts + ttl_seconds,
-            max_runtime_seconds=row.max_runtime_seconds, started_at=ts, last_heartbeat_at=ts,
-        )).inserted_primary_key[0]
-        conn.execute(update(tasks).where(tasks.c.id == task_id).values(current_run_id=run_id))
-        payload = {"lock": lock, "expires": ts + ttl_seconds, "run_id": run_id}
-        if row.status == Status.REVIEW:
-            payload["source_status"] = "review"
-        _event(conn, task_id, "claimed", payload, run_id=run_id, now=ts)
+        run_id = _open_run(conn, row, lock=lock, ttl_seconds=ttl_seconds, now=ts)
     return Change(task_id, "claim", row.status, Status.RUNNING, run_id)
+
+
+def claim_next(db: Database, *, host: str, lock: str, capacity: int,
+               policy: RetryPolicy = RetryPolicy(), workspace_root: str | None = None,
+               ttl_seconds: int = DEFAULT_CLAIM_TTL, now: float | None = None,
+               scan: int = 200) -> Change | None:
+    """The dispatcher's claim: the best eligible ``ready`` task, if ``host`` has
+    fewer than ``capacity`` open runs. One transaction; None when there is nothing
+    to claim (no slot, no eligible task).
+
+    Order: priority, then age. Eligible: every parent finished, and the retry
+    backoff (or the rate-limit cooldown) since its last run has passed. The count
+    of open runs and the claim happen in the same transaction, so concurrent
+    dispatchers of one host never exceed its capacity."""
+    ts = epoch(now)
+    with db.write() as conn:
+        db.serialize_claims(conn, host)
+        if _open_runs_on(conn, host) >= capacity:
+            return None
+        for row in _claim_candidates(conn, scan):
+            if policy.not_before(row.consecutive_failures or 0, row.last_outcome,
+                                 row.last_end) > ts:
+                continue
+            task = _task_row(conn, row.id)
+            if task.status != Status.READY:
+                continue
+            workspace = f"{workspace_root.rstrip('/')}/{task.id}" if workspace_root else None
+            run_id = _open_run(conn, task, lock=lock, ttl_seconds=ttl_seconds, now=ts,
+                               workspace=workspace,
+                               metadata={"claimed_by": "sparkops", "host": host})
+            return Change(task.id, "claim", task.status, Status.RUNNING, run_id)
+    return None
+
+
+def count_open_runs(db: Database, host: str) -> int:
+    """Runs not yet closed whose claim belongs to ``host``."""
+    with db.read() as conn:
+        return _open_runs_on(conn, host)
+
+
+def record_process(db: Database, task_id: str, *, run_id: int, claim_lock: str,
+                   worker_pid: int | None, identity: dict[str, Any],
+                   now: float | None = None) -> None:
+    """Store the run's process identity (host, boot id, pids and start times) in the
+    run row's metadata, and the worker pid and claim lock in Hermes' columns.
+    Refused with :class:`StaleRun` once the run is no longer current."""
+    ts = epoch(now)
+    with db.write() as conn:
+        row = _task_row(conn, task_id)
+        _check_run(row, run_id)
+        if row.status != Status.RUNNING:
+            raise StaleRun(task_id, run_id, None)
+        metadata = _merged_metadata(conn, run_id, identity)
+        conn.execute(update(task_runs).where(task_runs.c.id == run_id, task_runs.c.ended_at.is_(None))
+                     .values(metadata=_json(metadata), claim_lock=claim_lock,
+                             worker_pid=worker_pid, last_heartbeat_at=ts))
+        conn.execute(update(tasks).where(tasks.c.id == task_id, tasks.c.current_run_id == run_id)
+                     .values(claim_lock=claim_lock, worker_pid=worker_pid, last_heartbeat_at=ts))
 
 
 def complete(db: Database, task_id: str, *, run_id: int | None = None,
@@ -396,15 +468,18 @@ def reclaim(db: Database, task_id: str, *, run_id: int, reason: str,
 
 
 def fail(db: Database, task_id: str, *, run_id: int, outcome: Outcome, error: str,
-         failure_limit: int, now: float | None = None) -> Change:
+         failure_limit: int, protocol_violation_limit: int = 3,
+         now: float | None = None) -> Change:
     """The one failure path: close ``run_id`` with ``outcome`` and requeue the task.
 
-    Counted failures (crash, timeout, spawn failure, protocol violation) add one
-    to ``consecutive_failures``; at the limit (the task's ``max_retries`` wins
-    over ``failure_limit``) the circuit breaker moves the task to ``blocked`` with
-    the reason and a ``gave_up`` event. A rate limit requeues without counting."""
+    Counted failures (crash, timeout, spawn failure, lost workspace) add one to
+    ``consecutive_failures``; at the limit (the task's ``max_retries`` wins over
+    ``failure_limit``) the circuit breaker moves the task to ``blocked`` with the
+    reason and a ``gave_up`` event. A protocol violation (exit 0 without a report)
+    trips the breaker on its own streak, at ``protocol_violation_limit``. A rate
+    limit requeues without counting."""
     outcome = Outcome(outcome)
-    if outcome not in COUNTED_FAILURES | {Outcome.RATE_LIMITED}:
+    if outcome not in FAILURE_OUTCOMES:
         raise InvalidInput(f"{outcome} is not a failure outcome")
     ts = epoch(now)
     excerpt = (error or "")[:ERROR_EXCERPT]
@@ -412,11 +487,17 @@ def fail(db: Database, task_id: str, *, run_id: int, outcome: Outcome, error: st
         row = _begin(conn, task_id, "fail", run_id)
         counted = outcome in COUNTED_FAILURES
         failures = (row.consecutive_failures or 0) + (1 if counted else 0)
-        limit = row.max_retries if row.max_retries is not None else failure_limit
-        tripped = counted and failures >= limit
+        if outcome == Outcome.PROTOCOL_VIOLATION:
+            streak = _protocol_violation_streak(conn, task_id) + 1
+            tripped, limit, source = streak >= protocol_violation_limit, protocol_violation_limit, \
+                "protocol_violation_limit"
+        else:
+            limit = row.max_retries if row.max_retries is not None else failure_limit
+            tripped, source = counted and failures >= limit, \
+                "task" if row.max_retries is not None else "dispatcher"
         target = Status.BLOCKED if tripped else Status.READY
         values: dict[str, Any] = {**RELEASE_CLAIM, "consecutive_failures": failures}
-        if counted:
+        if outcome != Outcome.RATE_LIMITED:
             values["last_failure_error"] = excerpt
         _conditional_update(conn, row, "fail", target, values)
         _close_run(conn, row, status=str(outcome), outcome=outcome, error=excerpt,
@@ -425,8 +506,7 @@ def fail(db: Database, task_id: str, *, run_id: int, outcome: Outcome, error: st
                run_id=run_id, now=ts)
         if tripped:
             _event(conn, task_id, "gave_up", {
-                "failures": failures, "effective_limit": limit,
-                "limit_source": "task" if row.max_retries is not None else "dispatcher",
+                "failures": failures, "effective_limit": limit, "limit_source": source,
                 "error": excerpt, "trigger_outcome": str(outcome),
             }, run_id=run_id, now=ts)
     return Change(task_id, "fail", row.status, target, run_id)
@@ -513,10 +593,90 @@ def _close_run(conn: Connection, row, *, status: str, outcome: Outcome, now: int
         update(task_runs)
         .where(task_runs.c.id == row.current_run_id, task_runs.c.ended_at.is_(None))
         .values(status=status, outcome=str(outcome), summary=summary, error=error,
-                metadata=_json(metadata), ended_at=now,
-                claim_lock=None, claim_expires=None, worker_pid=None)
+                metadata=_json(_merged_metadata(conn, row.current_run_id, metadata)),
+                ended_at=now, claim_lock=None, claim_expires=None, worker_pid=None)
     )
     return int(row.current_run_id)
+
+
+def _merged_metadata(conn: Connection, run_id: int, extra: dict | None) -> dict | None:
+    """The run's metadata with ``extra`` on top (the process identity is kept)."""
+    current = conn.execute(select(task_runs.c.metadata).where(task_runs.c.id == run_id)).scalar()
+    merged: dict = {}
+    if current:
+        try:
+            loaded = json.loads(current)
+            merged = loaded if isinstance(loaded, dict) else {"previous": loaded}
+        except ValueError:
+            merged = {"previous": current}
+    merged.update(extra or {})
+    return merged or None
+
+
+def _open_run(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
+              workspace: str | None = None, metadata: dict | None = None) -> int:
+    """Move ``row`` to running and open its run; returns the run id."""
+    values: dict[str, Any] = {
+        "claim_lock": lock, "claim_expires": now + ttl_seconds, "worker_pid": None,
+        "started_at": func.coalesce(tasks.c.started_at, now), "last_heartbeat_at": now,
+    }
+    if workspace:
+        values["workspace_path"] = workspace
+    _conditional_update(conn, row, "claim", Status.RUNNING, values)
+    run_id = conn.execute(insert(task_runs).values(
+        task_id=row.id, profile=row.assignee, step_key=row.current_step_key,
+        status="running", claim_lock=lock, claim_expires=now + ttl_seconds,
+        max_runtime_seconds=row.max_runtime_seconds, started_at=now, last_heartbeat_at=now,
+        metadata=_json(metadata),
+    )).inserted_primary_key[0]
+    conn.execute(update(tasks).where(tasks.c.id == row.id).values(current_run_id=run_id))
+    payload = {"lock": lock, "expires": now + ttl_seconds, "run_id": run_id}
+    if row.status == Status.REVIEW:
+        payload["source_status"] = "review"
+    _event(conn, row.id, "claimed", payload, run_id=run_id, now=now)
+    return int(run_id)
+
+
+def _open_runs_on(conn: Connection, host: str) -> int:
+    return int(conn.execute(
+        select(func.count()).select_from(task_runs).where(
+            task_runs.c.ended_at.is_(None),
+            task_runs.c.claim_lock.startswith(f"{host}:", autoescape=True))
+    ).scalar() or 0)
+
+
+def _claim_candidates(conn: Connection, limit: int):
+    """Ready tasks with no unfinished parent, best first, with their last run."""
+    parent = tasks.alias("parent")
+    blocking = (
+        select(task_links.c.child_id)
+        .join(parent, parent.c.id == task_links.c.parent_id)
+        .where(task_links.c.child_id == tasks.c.id, parent.c.status.not_in(list(FINISHED)))
+        .exists()
+    )
+    last_run = (select(task_runs.c.id).where(task_runs.c.task_id == tasks.c.id)
+                .order_by(task_runs.c.id.desc()).limit(1).scalar_subquery())
+    last = task_runs.alias("last")
+    return conn.execute(
+        select(tasks.c.id, tasks.c.consecutive_failures,
+               last.c.ended_at.label("last_end"), last.c.outcome.label("last_outcome"))
+        .select_from(tasks.outerjoin(last, last.c.id == last_run))
+        .where(tasks.c.status == Status.READY, ~blocking)
+        .order_by(tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
+        .limit(limit)
+    ).all()
+
+
+def _protocol_violation_streak(conn: Connection, task_id: str) -> int:
+    """How many of the task's latest runs in a row ended as protocol violations."""
+    streak = 0
+    for outcome in conn.execute(select(task_runs.c.outcome)
+                                .where(task_runs.c.task_id == task_id, task_runs.c.ended_at.is_not(None))
+                                .order_by(task_runs.c.id.desc()).limit(50)).scalars():
+        if outcome != Outcome.PROTOCOL_VIOLATION:
+            break
+        streak += 1
+    return streak
 
 
 def _synthesize_run(conn: Connection, row, outcome: Outcome, *, now: int,

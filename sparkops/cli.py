@@ -294,6 +294,53 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_job_list(args, store: Store) -> int:
+    from sparkops.jobs import registry
+
+    settings = args.settings
+    specs = registry()
+    rows = [{"name": s.name, "every_seconds": s.interval(settings), "setting": s.interval_setting,
+             "help": s.help} for s in specs.values()]
+
+    def text() -> None:
+        for r in rows:
+            print(f"{r['name']:<10} every {r['every_seconds']:g}s ({r['setting']})  {r['help']}")
+    _emit(args, rows, text)
+    return 0
+
+
+def _run_job(args, store: Store, name: str, **options) -> int:
+    from sparkops.jobs import JobContext, run_job
+
+    ctx = JobContext.create(args.settings, store)
+    result = run_job(ctx, name, trigger="cli", **options)
+    payload = {"job": result.job, "outcome": result.outcome, "summary": result.summary,
+               "error": result.error, "duration_seconds": round(result.duration_seconds, 3),
+               "details": result.details}
+
+    def text() -> None:
+        print(f"{result.job}: {result.outcome}: {result.summary}"
+              + (f" ({result.error})" if result.error else ""))
+        for verdict in result.details.get("verdicts", []):
+            print(f"  {verdict['task_id']} run {verdict['run_id']}: {verdict['outcome']}: {verdict['reason']}")
+    _emit(args, payload, text)
+    return 0 if result.ok else 1
+
+
+def cmd_job_run(args, store: Store) -> int:
+    return _run_job(args, store, args.name)
+
+
+def cmd_reclaim(args, store: Store) -> int:
+    return _run_job(args, store, "reclaim", dry_run=args.dry_run)
+
+
+def cmd_demo_agent(args: argparse.Namespace, settings: Settings) -> int:
+    from sparkops import demo_agent
+
+    return demo_agent.run(args)
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from sparkops.launcher import run_up
 
@@ -412,6 +459,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100)
 
     add(sub, "stats", cmd_stats, "counts per status and assignee, oldest ready task")
+
+    job = sub.add_parser("job", help="list the jobs, or run one now")
+    jsub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    add(jsub, "list", cmd_job_list, "the jobs and how often the runner runs them")
+    p = add(jsub, "run", cmd_job_run, "run one job now, under its lock (exit 1 if it failed or was busy)")
+    p.add_argument("name")
+    p = add(sub, "reclaim", cmd_reclaim,
+            "close runs whose worker is dead, silent or over its max runtime, and requeue their tasks")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be reclaimed and why")
+
+    from sparkops import demo_agent
+
+    p = add(sub, "demo-agent", cmd_demo_agent,
+            "a demo worker: does a little real work in its workspace and reports (for sparkops up --demo)",
+            store=False, json_out=False)
+    demo_agent.add_arguments(p)
     return parser
 
 
@@ -424,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store: Store | None = None
     try:
         settings = load_settings(args.config)
+        args.settings = settings
         if not args.needs_store:
             return args.func(args, settings)
         store = open_store(settings)

@@ -23,6 +23,7 @@ the environment or ``.streamlit/secrets.toml`` (see :class:`Secrets`).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
@@ -61,12 +62,13 @@ class Setting:
     """One setting: ``key`` is ``section.name``; ``kind`` drives parsing."""
 
     key: str
-    kind: str  # "str" | "int" | "float" | "bool" | "path" | "url"
+    kind: str  # "str" | "int" | "float" | "bool" | "path" | "url" | "list"
     default: Any
     help: str
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
+    optional: bool = False  # an empty string is allowed (and means "the default behaviour")
 
     @property
     def section(self) -> str:
@@ -90,6 +92,7 @@ class Setting:
             "float": "a number",
             "bool": "true or false",
             "path": "a file system path",
+            "list": "a list of strings (in the environment: a JSON array)",
             "url": "a database URL (sqlite:///PATH or postgresql://...)",
         }[self.kind]
         if self.minimum is not None and self.maximum is not None:
@@ -119,10 +122,107 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting(
-        "dispatch.failure_limit", "int", 2,
-        "Consecutive failures (crash, timeout, spawn failure) after which a task is "
-        "moved to blocked with the reason. A task's own max_retries wins. Hermes' default is 2.",
+        "host.name", "str", "",
+        "This host's name in claims and runs (claim_lock is NAME:PID). Empty: the "
+        "machine's hostname.",
+        optional=True,
+    ),
+    Setting(
+        "dispatch.mode", "str", "native",
+        "native: claim ready tasks and start the worker shim with dispatch.agent_argv; "
+        "hermes: run dispatch.hermes_argv (hermes kanban dispatch) for boards served by "
+        "Hermes workers; off: dispatch nothing.",
+        choices=("native", "hermes", "off"),
+    ),
+    Setting(
+        "dispatch.max_in_progress", "int", 1,
+        "How many runs may be live on this host at once (1 on a GB10).",
         minimum=1,
+    ),
+    Setting(
+        "dispatch.interval_seconds", "float", 1.0,
+        "How often the runner looks for ready work and free slots; it also looks "
+        "right after a worker ends.",
+        minimum=0.1,
+    ),
+    Setting(
+        "dispatch.agent_argv", "list", [],
+        "The agent command as an argv list, never a shell string. Placeholders: "
+        "{task_id} {run_id} {workspace} {prompt_file} {log_file} {python}. Empty: no "
+        "agent is configured and ready tasks wait (sparkops up --demo uses the demo agent).",
+    ),
+    Setting(
+        "dispatch.workspace_root", "path", "data/workspaces",
+        "Each task runs in WORKSPACE_ROOT/<task_id>, created at dispatch.",
+    ),
+    Setting(
+        "dispatch.run_log_root", "path", "data/logs/runs",
+        "Each run's output goes to RUN_LOG_ROOT/<task_id>/run-<run_id>.log.",
+    ),
+    Setting(
+        "dispatch.heartbeat_seconds", "float", 15.0,
+        "How often the worker shim records that its run is alive.",
+        minimum=0.5,
+    ),
+    Setting(
+        "dispatch.failure_limit", "int", 2,
+        "Consecutive failures (crash, timeout, spawn failure, lost workspace) after which "
+        "a task is moved to blocked with the reason. A task's own max_retries wins. "
+        "Hermes' default is 2.",
+        minimum=1,
+    ),
+    Setting(
+        "dispatch.protocol_violation_limit", "int", 3,
+        "Consecutive runs that exit 0 without reporting (an agent that could not reach "
+        "the model) after which the task is blocked. Counted apart from failure_limit.",
+        minimum=1,
+    ),
+    Setting(
+        "dispatch.retry_backoff_seconds", "float", 30.0,
+        "Wait before retrying a failed task; doubles with each consecutive failure.",
+        minimum=0,
+    ),
+    Setting(
+        "dispatch.retry_backoff_max_seconds", "float", 1800.0,
+        "The longest retry backoff.",
+        minimum=0,
+    ),
+    Setting(
+        "dispatch.rate_limit_cooldown_seconds", "float", 300.0,
+        "Wait before retrying a task whose agent exited 75 (rate limited); not a failure.",
+        minimum=0,
+    ),
+    Setting(
+        "dispatch.hermes_argv", "list", ["hermes", "kanban", "dispatch", "--max", "{max}", "--json"],
+        "The command of dispatch.mode = hermes. {max} is the number of free slots.",
+    ),
+    Setting(
+        "reclaim.interval_seconds", "float", 30.0,
+        "How often the reclaimer sweeps every open run (dead workers on this host are "
+        "also caught by the dispatcher within a second).",
+        minimum=0.5,
+    ),
+    Setting(
+        "reclaim.max_runtime_seconds", "int", 7200,
+        "A run older than this is terminated and closed as timed_out. A task's own "
+        "max_runtime_seconds wins.",
+        minimum=1,
+    ),
+    Setting(
+        "reclaim.heartbeat_timeout_seconds", "int", 300,
+        "A run of another host (or one with no process identity) whose last heartbeat "
+        "is older than this is considered dead.",
+        minimum=1,
+    ),
+    Setting(
+        "reclaim.spawn_grace_seconds", "int", 60,
+        "A claimed run whose worker never recorded its identity is dead after this long.",
+        minimum=1,
+    ),
+    Setting(
+        "reclaim.term_grace_seconds", "float", 10.0,
+        "Between SIGTERM and SIGKILL when a run's processes are terminated.",
+        minimum=0,
     ),
     Setting(
         "runner.promote_interval_seconds", "float", 5.0,
@@ -305,6 +405,18 @@ def _parse_env(setting: Setting, text: str) -> Any:
             f"{setting.key} must be {setting.allowed()}, got {text!r} "
             f"(in environment variable {setting.env_name})"
         ) from None
+    if kind == "list":
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, list):
+            raise ConfigError(
+                f"{setting.key} must be a JSON array of strings, got {text!r} "
+                f"(in environment variable {setting.env_name}), e.g. "
+                '\'["python", "-m", "sparkops", "demo-agent"]\''
+            )
+        return value
     if kind == "bool":
         lowered = text.strip().lower()
         if lowered in {"1", "true", "yes", "on"}:
@@ -341,6 +453,12 @@ def _resolve(setting: Setting, value: Any, base_dir: Path, where: str) -> Any:
         if setting.maximum is not None and value > setting.maximum:
             raise bad()
         return float(value) if kind == "float" else value
+    if kind == "list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad()
+        return list(value)
+    if setting.optional and value == "":
+        return value
     if not isinstance(value, str) or not value.strip():
         raise bad()
     if setting.choices and value not in setting.choices:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -197,6 +197,16 @@ class Database:
             else "check the file and its permissions"
         )
         return StorageError(f"{doing} the {self.role} database {self.display_url}: {reason}; {hint}")
+
+    def serialize_claims(self, conn: Connection, key: str) -> None:
+        """Make claims for ``key`` (a host) one at a time until this transaction ends.
+
+        SQLite already runs one writer at a time (``BEGIN IMMEDIATE``); PostgreSQL
+        takes a transaction-scoped advisory lock, so counting a host's open runs
+        and claiming one cannot interleave with another dispatcher of that host."""
+        if not self.is_sqlite:
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                         {"key": f"sparkops-claim:{key}"})
 
     # -- SQLite's header field for the board's schema version (see schema.py) --
 

@@ -201,6 +201,38 @@ ops_schema_version = Table(
     Column("updated_at", Epoch, nullable=False),
 )
 
+ops_job_runs = Table(
+    "ops_job_runs",
+    ops_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job", Text, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("trigger", Text, nullable=False),  # schedule | cli | ui
+    Column("started_at", Epoch, nullable=False),
+    Column("ended_at", Epoch, nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("outcome", Text, nullable=False),  # ok | error | skipped
+    Column("summary", Text),
+    Column("error", Text),
+    Index("idx_ops_job_runs_job", "job", "started_at"),
+    sqlite_autoincrement=True,
+)
+
+ops_hosts = Table(
+    "ops_hosts",
+    ops_metadata,
+    Column("host", Text, primary_key=True),
+    Column("pid", Integer, nullable=False),  # the jobs runner
+    Column("boot_id", Text),
+    Column("version", Text),
+    Column("capacity", Integer),
+    Column("started_at", Epoch, nullable=False),
+    Column("heartbeat_at", Epoch, nullable=False),
+    Column("stopped_at", Epoch),
+    Column("info", Text),  # JSON: jobs and their intervals, dispatch mode
+)
+
 
 # -- migrations ------------------------------------------------------------------
 
@@ -219,6 +251,11 @@ def _board_v1(conn: Connection) -> None:
 
 
 def _ops_v1(conn: Connection) -> None:
+    ops_schema_version.create(conn, checkfirst=True)
+
+
+def _ops_v2(conn: Connection) -> None:
+    """Job runs and the hosts whose runners heartbeat."""
     _create_missing(conn, ops_metadata)
 
 
@@ -227,6 +264,7 @@ BOARD_MIGRATIONS: tuple[Migration, ...] = (
 )
 OPS_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ops_schema_version", _ops_v1),
+    Migration(2, "ops_job_runs, ops_hosts", _ops_v2),
 )
 
 BOARD_SCHEMA_VERSION = BOARD_MIGRATIONS[-1].version
@@ -318,7 +356,8 @@ def refuse_newer(db: Database, component: str, version: int) -> None:
 
 
 def required_tables(component: str) -> tuple[str, ...]:
-    return CORE_BOARD_TABLES if component == "board" else tuple(ops_metadata.tables)
+    """The tables that show a database was initialized (migrations add the rest)."""
+    return CORE_BOARD_TABLES if component == "board" else ("ops_schema_version",)
 
 
 def migrate(db: Database, component: str, now: int) -> list[Migration]:

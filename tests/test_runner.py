@@ -16,15 +16,8 @@ from sqlalchemy import create_engine, update
 
 from conftest import NOW, ROOT, make_settings
 from sparkops import board, queries
-from sparkops.runner import (
-    AlreadyRunning,
-    Job,
-    Runner,
-    RunnerLock,
-    default_jobs,
-    lock_path,
-    promote,
-)
+from sparkops.jobs import JobContext, JobReport, JobSpec, promote
+from sparkops.runner import AlreadyRunning, Runner, RunnerLock, lock_path
 from sparkops.schema import tasks
 from sparkops.store import open_store
 
@@ -37,6 +30,15 @@ def finish_behind_our_back(board_file: Path, task_id: str, at: int) -> None:
         conn.execute(update(tasks).where(tasks.c.id == task_id)
                      .values(status="done", completed_at=at))
     engine.dispose()
+
+
+def ctx_for(store, tmp_path) -> JobContext:
+    return JobContext.create(make_settings(tmp_path), store)
+
+
+def spec(name: str, func) -> JobSpec:
+    """A job on the promote interval (5 s by default): tests make it due by hand."""
+    return JobSpec(name, func, "runner.promote_interval_seconds", f"test job {name}")
 
 
 def make_due(runner: Runner, name: str) -> None:
@@ -54,46 +56,51 @@ def test_promote_job_promotes_a_child_whose_parent_was_finished_elsewhere(sqlite
     finish_behind_our_back(tmp_path / "data" / "kanban.db", parent, at=NOW + 5)
     assert queries.get_task(sqlite_store.board, child)["status"] == "todo"
 
-    runner = Runner(sqlite_store, [Job("promote", 5, promote)], clock=lambda: NOW + 10)
+    runner = Runner(ctx_for(sqlite_store, tmp_path), {"promote": spec("promote", promote)},
+                    clock=lambda: NOW + 10)
     result = runner.run_job("promote")
 
-    assert result.ok and result.result == [child]
+    assert result.ok and result.details == {"promoted": [child]}
     assert queries.get_task(sqlite_store.board, child)["status"] == "ready"
     events = queries.list_events(sqlite_store.board, task_id=child, kinds=["promoted"])
     assert [e["created_at"] for e in events] == [NOW + 10]  # the runner's clock reached the job
-    assert runner.run_job("promote").result == []  # nothing left to promote
+    again = runner.run_job("promote")  # nothing left to promote
+    assert again.ok and not again.acted
 
 
 def test_promote_runs_when_due_on_the_schedule(sqlite_store, tmp_path):
     parent = board.create_task(sqlite_store.board, "parent", now=NOW)
     child = board.create_task(sqlite_store.board, "child", parents=[parent], now=NOW)
     finish_behind_our_back(tmp_path / "data" / "kanban.db", parent, at=NOW + 5)
-    runner = Runner(sqlite_store, [Job("promote", 60, promote)], clock=lambda: NOW + 10)
+    runner = Runner(ctx_for(sqlite_store, tmp_path), {"promote": spec("promote", promote)},
+                    clock=lambda: NOW + 10)
 
     assert runner.run_pending_once() == []  # not due yet
     assert queries.get_task(sqlite_store.board, child)["status"] == "todo"
     make_due(runner, "promote")
     ran = runner.run_pending_once()
-    assert [(r.name, r.ok, r.result) for r in ran] == [("promote", True, [child])]
+    assert [(r.job, r.ok, r.details) for r in ran] == [("promote", True, {"promoted": [child]})]
 
 
-def test_interval_comes_from_the_settings(tmp_path):
-    settings = make_settings(tmp_path, SPARKOPS_RUNNER_PROMOTE_INTERVAL_SECONDS="2.5")
-    assert [(j.name, j.every_seconds) for j in default_jobs(settings)] == [("promote", 2.5)]
+def test_intervals_come_from_the_settings(sqlite_store, tmp_path):
+    settings = make_settings(tmp_path, SPARKOPS_RUNNER_PROMOTE_INTERVAL_SECONDS="2.5",
+                             SPARKOPS_DISPATCH_INTERVAL_SECONDS="0.5")
+    runner = Runner(JobContext.create(settings, sqlite_store))
+    assert runner.intervals() == {"dispatch": 0.5, "reclaim": 30.0, "promote": 2.5}
 
 
-def test_a_failing_job_is_logged_and_stays_scheduled(sqlite_store, caplog):
+def test_a_failing_job_is_logged_and_stays_scheduled(sqlite_store, tmp_path, caplog):
     calls = []
 
-    def flaky(store, *, now):
+    def flaky(ctx, *, now):
         calls.append(now)
         if len(calls) == 1:
             raise RuntimeError("model server unreachable")
-        return "ok"
+        return JobReport("ok")
 
-    runner = Runner(sqlite_store, [Job("flaky", 60, flaky)], clock=lambda: NOW)
+    runner = Runner(ctx_for(sqlite_store, tmp_path), {"flaky": spec("flaky", flaky)}, clock=lambda: NOW)
     make_due(runner, "flaky")
-    with caplog.at_level(logging.ERROR, logger="sparkops.runner"):
+    with caplog.at_level(logging.ERROR, logger="sparkops.jobs"):
         ran = runner.run_pending_once()
 
     assert [(r.ok, r.error) for r in ran] == [(False, "RuntimeError: model server unreachable")]
@@ -104,22 +111,24 @@ def test_a_failing_job_is_logged_and_stays_scheduled(sqlite_store, caplog):
 
     make_due(runner, "flaky")
     ran = runner.run_pending_once()
-    assert [(r.ok, r.result) for r in ran] == [(True, "ok")]
+    assert [(r.ok, r.summary) for r in ran] == [(True, "ok")]
     assert calls == [NOW, NOW]
     assert runner.last_results["flaky"].ok
 
 
-def test_run_forever_finishes_the_current_job_then_returns(sqlite_store):
+def test_run_forever_finishes_the_current_job_then_returns(sqlite_store, tmp_path):
     finished = []
 
-    def stops_midway(store, *, now):
+    def stops_midway(ctx, *, now):
         runner.request_stop("test")  # as a SIGTERM during the job would
         finished.append(now)
+        return JobReport("stopped")
 
-    def never(store, *, now):
+    def never(ctx, *, now):
         raise AssertionError("no job starts after a stop was requested")
 
-    runner = Runner(sqlite_store, [Job("first", 60, stops_midway), Job("second", 60, never)],
+    runner = Runner(ctx_for(sqlite_store, tmp_path),
+                    {"first": spec("first", stops_midway), "second": spec("second", never)},
                     clock=lambda: NOW)
     make_due(runner, "first")
     make_due(runner, "second")
@@ -135,11 +144,11 @@ def test_run_forever_finishes_the_current_job_then_returns(sqlite_store):
 
 def test_lock_file_sits_next_to_the_ops_database(tmp_path):
     settings = make_settings(tmp_path)
-    assert lock_path(settings) == tmp_path / "data" / "sparkops.db.runner.lock"
+    assert lock_path(settings) == tmp_path / "data" / "locks" / "runner.lock"
 
 
 def test_second_lock_is_refused_naming_the_lock_and_the_holder(tmp_path):
-    path = tmp_path / "data" / "sparkops.db.runner.lock"
+    path = tmp_path / "data" / "locks" / "runner.lock"
     with RunnerLock(path):
         assert path.read_text().strip() == str(os.getpid())
         with pytest.raises(AlreadyRunning) as refused:
@@ -208,7 +217,7 @@ def test_runner_process_promotes_refuses_a_second_runner_and_stops_on_sigterm(st
                  "the runner to promote the child", proc)
     finally:
         store.dispose()
-    assert "promoted 1 task(s) to ready: " + child in log_file.read_text()
+    assert "job promote: promoted 1 task(s): " + child in log_file.read_text()
 
     second = subprocess.run([sys.executable, str(ROOT / "jobs_runner.py")], cwd=tmp_path,
                             env=runner_env(tmp_path), capture_output=True, text=True, timeout=60)

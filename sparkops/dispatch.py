@@ -1,0 +1,233 @@
+"""The dispatcher: fill free slots with ready work, about once a second.
+
+One step (:func:`run`, the ``dispatch`` job):
+
+1. reap worker shims this process started that have exited (a shim that died
+   before closing its run has the run closed here, with its log's last lines);
+2. close local runs whose processes are all gone (:func:`sparkops.reclaim.reclaim_local_dead`),
+   so a crashed agent frees its slot at the next tick, not at the next cron;
+3. while this host has fewer live runs than ``dispatch.max_in_progress``, claim
+   the best eligible ready task (:func:`sparkops.board.claim_next`: priority,
+   age, dependencies, retry backoff) and start the worker shim for it
+   (``python -m sparkops.shim TASK RUN``) in its own session, with its output
+   appended to the run's log.
+
+``dispatch.mode = "hermes"`` runs ``hermes kanban dispatch --max N --json``
+instead, for boards that Hermes workers serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparkops import board, reclaim
+from sparkops.board import Change, Outcome, RetryPolicy
+from sparkops.config import CONFIG_ENV, Settings
+from sparkops.errors import ConfigError, Refused
+from sparkops.jobs import JobContext, JobReport
+
+log = logging.getLogger(__name__)
+
+#: Environment variables that never reach a shim or an agent.
+SECRET_ENV = ("SPARKOPS_UI_PASSWORD", "SPARKOPS_TELEGRAM_TOKEN")
+HERMES_TIMEOUT_SECONDS = 300
+LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class ShimExit:
+    task_id: str
+    run_id: int
+    returncode: int
+    log_path: Path
+
+
+class ShimTracker:
+    """The worker shims this process started and has not yet reaped (the runner
+    keeps one, so dead shims never linger as zombies and their exit is seen at once)."""
+
+    def __init__(self) -> None:
+        self._running: dict[int, tuple[subprocess.Popen, str, int, Path]] = {}
+
+    def add(self, proc: subprocess.Popen, task_id: str, run_id: int, log_path: Path) -> None:
+        self._running[proc.pid] = (proc, task_id, run_id, log_path)
+
+    def reap(self) -> list[ShimExit]:
+        exited = []
+        for pid, (proc, task_id, run_id, log_path) in list(self._running.items()):
+            code = proc.poll()
+            if code is not None:
+                del self._running[pid]
+                exited.append(ShimExit(task_id, run_id, code, log_path))
+        return exited
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        backoff_seconds=settings["dispatch.retry_backoff_seconds"],
+        backoff_max_seconds=settings["dispatch.retry_backoff_max_seconds"],
+        rate_limit_cooldown_seconds=settings["dispatch.rate_limit_cooldown_seconds"],
+    )
+
+
+def run(ctx: JobContext, *, now: float | None = None) -> JobReport:
+    """The ``dispatch`` job (see the module docstring)."""
+    mode = ctx.settings["dispatch.mode"]
+    if mode == "off":
+        return JobReport("dispatch is off (dispatch.mode = off)", acted=False)
+    if mode == "hermes":
+        return dispatch_hermes(ctx)
+    return dispatch_native(ctx, now=now)
+
+
+def dispatch_native(ctx: JobContext, *, now: float | None = None) -> JobReport:
+    notes: list[str] = []
+    for shim in ctx.shims.reap() if ctx.shims else []:
+        if close_after_shim_death(ctx, shim, now=now):
+            notes.append(f"shim of {shim.task_id} died ({shim.returncode})")
+    recovered = reclaim.reclaim_local_dead(ctx, now=now)
+    notes += [f"reclaimed {v.task_id}: {v.reason}" for v in recovered]
+
+    started: list[Change] = []
+    if not ctx.settings["dispatch.agent_argv"]:
+        if not notes:
+            return JobReport("no agent configured (dispatch.agent_argv is empty); ready tasks wait",
+                             acted=False)
+    else:
+        policy = retry_policy(ctx.settings)
+        lock = f"{ctx.host}:{os.getpid()}"
+        while True:
+            change = board.claim_next(
+                ctx.store.board, host=ctx.host, lock=lock,
+                capacity=ctx.settings["dispatch.max_in_progress"], policy=policy,
+                workspace_root=str(ctx.settings["dispatch.workspace_root"]), now=now)
+            if change is None:
+                break
+            started.append(change)
+            start_shim(ctx, change, now=now)
+    notes += [f"started {c.task_id} (run {c.run_id})" for c in started]
+    if not notes:
+        return JobReport("no free slot or no eligible ready task", acted=False)
+    return JobReport("; ".join(notes), details={"started": [c.task_id for c in started],
+                                                  "reclaimed": [v.task_id for v in recovered]})
+
+
+def run_log_path(settings: Settings, task_id: str, run_id: int) -> Path:
+    return Path(settings["dispatch.run_log_root"]) / task_id / f"run-{run_id}.log"
+
+
+def shim_environment(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The runner's environment without secrets, plus an absolute SPARKOPS_CONFIG."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in SECRET_ENV}
+    if settings.source is not None:
+        env[CONFIG_ENV] = str(settings.source.resolve())
+    return env
+
+
+def start_shim(ctx: JobContext, change: Change, *, now: float | None = None) -> subprocess.Popen | None:
+    """Start ``python -m sparkops.shim TASK RUN`` in its own session. A shim that
+    cannot be started books the run as ``spawn_failed``."""
+    log_path = run_log_path(ctx.settings, change.task_id, change.run_id)
+    argv = [sys.executable, "-m", "sparkops.shim", change.task_id, str(change.run_id)]
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=ctx.settings.base_dir, env=shim_environment(ctx.settings),
+                                    start_new_session=True, close_fds=True)
+    except OSError as exc:
+        _fail_quietly(ctx, change.task_id, change.run_id, Outcome.SPAWN_FAILED,
+                      f"cannot start the worker shim: {exc}", now=now)
+        return None
+    if ctx.shims is not None:
+        ctx.shims.add(proc, change.task_id, change.run_id, log_path)
+    log.info("dispatched %s (run %d) to shim pid %d; log %s", change.task_id, change.run_id,
+             proc.pid, log_path)
+    return proc
+
+
+def close_after_shim_death(ctx: JobContext, shim: ShimExit, *, now: float | None = None) -> bool:
+    """A shim exits 0 after it closed its run. Anything else with the run still
+    open means the shim died before it could: book a crash with its log's tail."""
+    if shim.returncode == 0:
+        return False
+    tail = log_tail(shim.log_path)
+    from sparkops.procs import exit_description
+
+    reason = f"worker shim {exit_description(shim.returncode)} before closing the run"
+    return _fail_quietly(ctx, shim.task_id, shim.run_id, Outcome.CRASHED,
+                         reason + (f": {tail}" if tail else ""), now=now)
+
+
+def _fail_quietly(ctx: JobContext, task_id: str, run_id: int, outcome: Outcome, error: str,
+                  *, now: float | None = None) -> bool:
+    """Book a failure unless the run was already closed (then it changes nothing)."""
+    try:
+        board.fail(ctx.store.board, task_id, run_id=run_id, outcome=outcome, error=error,
+                   failure_limit=ctx.settings["dispatch.failure_limit"],
+                   protocol_violation_limit=ctx.settings["dispatch.protocol_violation_limit"], now=now)
+        log.warning("%s run %d: %s: %s", task_id, run_id, outcome, error)
+        return True
+    except Refused:
+        return False
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES, limit: int = 400) -> str:
+    """The last lines of a run log, joined, at most ``limit`` characters."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 16384))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept)[-limit:]
+
+
+# -- hermes mode ------------------------------------------------------------------------
+
+
+def dispatch_hermes(ctx: JobContext) -> JobReport:
+    """Run ``hermes kanban dispatch --max FREE --json`` against the board."""
+    db = ctx.store.board
+    if not db.is_sqlite:
+        raise ConfigError("dispatch.mode = hermes needs a SQLite board (Hermes reads only SQLite)")
+    # Hermes claims as hostname:pid, whatever host.name says.
+    used = board.count_open_runs(db, socket.gethostname())
+    free = ctx.settings["dispatch.max_in_progress"] - used
+    if free <= 0:
+        return JobReport(f"at capacity ({used} running)", acted=False)
+    argv = [part.replace("{max}", str(free)) for part in ctx.settings["dispatch.hermes_argv"]]
+    env = shim_environment(ctx.settings)
+    env["HERMES_KANBAN_DB"] = str(db.path)
+    try:
+        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=HERMES_TIMEOUT_SECONDS)
+    except FileNotFoundError:
+        raise ConfigError(f"dispatch.hermes_argv: {argv[0]!r} not found; install hermes-agent "
+                          "or set the full path") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: "
+                           f"{(done.stderr or done.stdout).strip()[-400:]}")
+    try:
+        result = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
+    except ValueError:
+        return JobReport(f"hermes dispatch --max {free}: {done.stdout.strip()[-200:]}")
+    spawned = result.get("spawned") or []
+    reclaimed = result.get("reclaimed") or 0
+    acted = bool(spawned or reclaimed or result.get("crashed") or result.get("timed_out")
+                 or result.get("promoted"))
+    return JobReport(f"hermes dispatch --max {free}: spawned {len(spawned)}, reclaimed {reclaimed}",
+                     acted=acted, details=result)
