@@ -126,10 +126,12 @@ class RetryPolicy:
     rate_limit_cooldown_seconds: float = 300.0
 
     def backoff(self, failures: int) -> float:
-        """Wait after ``failures`` consecutive failures: base, 2x base, 4x base, ..."""
-        if failures <= 0:
+        """Wait after ``failures`` consecutive failures: none after the first (a lone
+        crash is usually the environment, and the slot should not idle), then base,
+        2x base, 4x base ... up to the maximum."""
+        if failures <= 1:
             return 0.0
-        return min(self.backoff_seconds * 2 ** (failures - 1), self.backoff_max_seconds)
+        return min(self.backoff_seconds * 2 ** (failures - 2), self.backoff_max_seconds)
 
     def not_before(self, failures: int, last_outcome: str | None, last_end: int | None) -> float:
         """The earliest time a task may be claimed again."""

@@ -146,6 +146,11 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.1,
     ),
     Setting(
+        "dispatch.wake_on_worker_exit", "bool", True,
+        "Dispatch right after a worker shim started by the runner exits, not only on "
+        "the interval. Turn off only to measure fixed ticks (bench/bench_engine.py).",
+    ),
+    Setting(
         "dispatch.agent_argv", "list", [],
         "The agent command as an argv list, never a shell string. Placeholders: "
         "{task_id} {run_id} {workspace} {prompt_file} {log_file} {python}. Empty: no "
@@ -179,7 +184,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "dispatch.retry_backoff_seconds", "float", 30.0,
-        "Wait before retrying a failed task; doubles with each consecutive failure.",
+        "Wait before retrying a task that failed twice in a row; doubles with each further "
+        "failure. The first retry is immediate, so a crash does not leave the slot idle.",
         minimum=0,
     ),
     Setting(

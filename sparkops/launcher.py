@@ -19,6 +19,7 @@ that dies on its own stops the other and ends ``up`` with 1.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -47,6 +48,11 @@ STOP_GRACE_SECONDS = 10.0
 POLL_SECONDS = 0.2
 
 EXIT_CHILD_DIED = 1
+
+#: The agent ``up --demo`` runs when no agent is configured: real little work,
+#: 5 to 20 seconds a task, one crash in ten (so reclaim and retries show too).
+DEMO_AGENT_ARGV = ["{python}", "-m", "sparkops", "demo-agent", "--min-seconds", "5",
+                   "--max-seconds", "20", "--fail-rate", "0.1"]
 
 
 @dataclass
@@ -190,11 +196,19 @@ def run_up(settings: Settings, config_path: str | os.PathLike | None = None,
     finally:
         store.dispose()
 
+    env = child_environment(config_path)
+    if demo and not settings["dispatch.agent_argv"]:
+        env["SPARKOPS_DISPATCH_AGENT_ARGV"] = json.dumps(DEMO_AGENT_ARGV)
+        print("Workers: the demo agent (no dispatch.agent_argv configured).", file=out, flush=True)
+    elif not settings["dispatch.agent_argv"]:
+        print("No agent configured (dispatch.agent_argv): ready tasks will wait. "
+              "See docs/configuration.md, or try `up --demo`.", file=out, flush=True)
+
     children = child_commands(settings)
     stop = threading.Event()
     restore = _install_stop_handlers(stop)
     try:
-        start_children(children, child_environment(config_path))
+        start_children(children, env)
         print(f"SparkOps is up: web app at {app_url(settings)}; "
               f"jobs runner pid {children[0].pid}. Press Ctrl-C to stop.", file=out, flush=True)
         exited = None

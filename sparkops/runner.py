@@ -125,7 +125,8 @@ class Runner:
         """SIGTERM/SIGINT stop the loop after the current job; SIGCHLD (a worker
         shim ended) wakes it to dispatch at once. Main thread only."""
         install_stop_handlers(self.stop, on_signal=self.request_stop)
-        signal.signal(signal.SIGCHLD, lambda _sig, _frame: self.wake.set())
+        if self.ctx.settings["dispatch.wake_on_worker_exit"]:
+            signal.signal(signal.SIGCHLD, lambda _sig, _frame: self.wake.set())
 
     def heartbeat_host(self, *, stopping: bool = False) -> None:
         """Register this runner in ``ops_hosts`` and say it is alive."""

@@ -326,3 +326,71 @@ def test_transition_table_is_the_only_way(store):
         with pytest.raises(TransitionRefused):
             call()
     assert status_of(store, t) == "done"
+
+
+# -- what the engine needs from the state machine ------------------------------------------
+
+
+def test_retry_policy_backoff_grows_and_caps():
+    policy = board.RetryPolicy(backoff_seconds=10, backoff_max_seconds=60, rate_limit_cooldown_seconds=300)
+    assert [policy.backoff(n) for n in range(7)] == [0, 0, 10, 20, 40, 60, 60]
+    assert policy.not_before(1, "crashed", 1000) == 1000  # the first retry is immediate
+    assert policy.not_before(3, "crashed", 1000) == 1020
+    assert policy.not_before(0, "rate_limited", 1000) == 1300
+    assert policy.not_before(3, None, None) == 0
+
+
+def test_record_process_is_fenced_and_kept_when_the_run_closes(store):
+    t = board.create_task(store.board, "Work", now=NOW)
+    run = board.claim(store.board, t, lock="h:1", now=NOW).run_id
+    identity = {"process": {"host": "h", "boot_id": "b", "shim": {"pid": 10, "start": 1.5, "pgid": 10}}}
+    board.record_process(store.board, t, run_id=run, claim_lock="h:10", worker_pid=11,
+                         identity=identity, now=NOW + 1)
+    task = queries.get_task(store.board, t)
+    assert (task["claim_lock"], task["worker_pid"], task["last_heartbeat_at"]) == ("h:10", 11, NOW + 1)
+    board.complete(store.board, t, run_id=run, metadata={"tests": 2}, now=NOW + 2)
+    [r] = queries.list_runs(store.board, task_id=t)
+    assert r["metadata"] == {**identity, "tests": 2}  # the identity survives the close
+    with pytest.raises(StaleRun):
+        board.record_process(store.board, t, run_id=run, claim_lock="h:12", worker_pid=13,
+                             identity=identity, now=NOW + 3)
+
+
+def test_protocol_violations_have_their_own_limit(store):
+    t = board.create_task(store.board, "Silent agent", now=NOW)
+    for i in range(2):
+        run = board.claim(store.board, t, lock="h:1", now=NOW + i).run_id
+        change = board.fail(store.board, t, run_id=run, outcome=Outcome.PROTOCOL_VIOLATION,
+                            error="exit 0, no report", failure_limit=1, protocol_violation_limit=3,
+                            now=NOW + i)
+        assert change.to_status == "ready"  # failure_limit=1 does not apply to them
+    assert queries.get_task(store.board, t)["consecutive_failures"] == 0
+    run = board.claim(store.board, t, lock="h:1", now=NOW + 5).run_id
+    change = board.fail(store.board, t, run_id=run, outcome=Outcome.PROTOCOL_VIOLATION,
+                        error="exit 0, no report", failure_limit=1, protocol_violation_limit=3,
+                        now=NOW + 5)
+    assert change.to_status == "blocked"
+    gave_up = queries.list_events(store.board, task_id=t, kinds=["gave_up"])[0]["payload"]
+    assert gave_up["limit_source"] == "protocol_violation_limit" and gave_up["effective_limit"] == 3
+
+
+def test_a_crash_breaks_the_protocol_violation_streak(store):
+    t = board.create_task(store.board, "Mixed", now=NOW)
+    outcomes = [Outcome.PROTOCOL_VIOLATION, Outcome.PROTOCOL_VIOLATION, Outcome.RATE_LIMITED,
+                Outcome.PROTOCOL_VIOLATION]
+    for i, outcome in enumerate(outcomes):
+        run = board.claim(store.board, t, lock="h:1", now=NOW + i).run_id
+        change = board.fail(store.board, t, run_id=run, outcome=outcome, error="x",
+                            failure_limit=5, protocol_violation_limit=3, now=NOW + i)
+    assert change.to_status == "ready"  # the rate limit in between reset the streak
+
+
+def test_workspace_missing_counts_as_a_failure(store):
+    t = board.create_task(store.board, "Lost dir", now=NOW)
+    run = board.claim(store.board, t, lock="h:1", now=NOW).run_id
+    board.fail(store.board, t, run_id=run, outcome=Outcome.WORKSPACE_MISSING,
+               error="workspace /x disappeared", failure_limit=2, now=NOW)
+    task = queries.get_task(store.board, t)
+    assert task["consecutive_failures"] == 1 and "disappeared" in task["last_failure_error"]
+    with pytest.raises(InvalidInput):
+        board.fail(store.board, t, run_id=run, outcome=Outcome.COMPLETED, error="", failure_limit=2)

@@ -516,3 +516,35 @@ def test_cli_config_option_resolves_paths_against_that_file(tmp_path):
     result = run_cli("--config", "conf/sparkops.toml", "config", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["settings"]["storage.board_url"] == f"sqlite:///{conf}/b.db"
+
+
+def test_list_settings_from_file_and_environment(tmp_path, write_config):
+    write_config(text_='[dispatch]\nagent_argv = ["claude", "-p", "{prompt_file}"]\n')
+    settings = load_settings(cwd=tmp_path, env={})
+    assert settings["dispatch.agent_argv"] == ["claude", "-p", "{prompt_file}"]
+    settings = load_settings(cwd=tmp_path, env={
+        "SPARKOPS_DISPATCH_AGENT_ARGV": '["{python}", "-m", "sparkops", "demo-agent"]'})
+    assert settings["dispatch.agent_argv"] == ["{python}", "-m", "sparkops", "demo-agent"]
+    assert load_settings(cwd=tmp_path / "nowhere", env={})["dispatch.agent_argv"] == []
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('[dispatch]\nagent_argv = "claude -p"\n', "dispatch.agent_argv must be a list of strings"),
+    ('[dispatch]\nagent_argv = ["claude", 3]\n', "dispatch.agent_argv must be a list of strings"),
+    ('[dispatch]\nmode = "turbo"\n', "dispatch.mode must be one of 'native', 'hermes', 'off'"),
+])
+def test_list_and_choice_settings_are_checked(tmp_path, write_config, text, fragment):
+    write_config(text_=text)
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(cwd=tmp_path, env={})
+
+
+def test_list_setting_from_environment_must_be_a_json_array(tmp_path):
+    with pytest.raises(ConfigError, match="SPARKOPS_DISPATCH_AGENT_ARGV") as err:
+        load_settings(cwd=tmp_path, env={"SPARKOPS_DISPATCH_AGENT_ARGV": "claude -p x"})
+    assert "JSON array" in str(err.value)
+
+
+def test_optional_string_may_be_empty(tmp_path):
+    assert load_settings(cwd=tmp_path, env={"SPARKOPS_HOST_NAME": ""})["host.name"] == ""
+    assert load_settings(cwd=tmp_path, env={"SPARKOPS_HOST_NAME": "gb10-a"})["host.name"] == "gb10-a"

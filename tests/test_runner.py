@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, update
 
-from conftest import NOW, ROOT, make_settings
+from conftest import NOW, ROOT, make_settings, run_cli
 from sparkops import board, queries
 from sparkops.jobs import JobContext, JobReport, JobSpec, promote
 from sparkops.runner import AlreadyRunning, Runner, RunnerLock, lock_path
@@ -252,3 +253,35 @@ def test_bad_config_is_one_line_on_stderr_and_exit_2(tmp_path, args, extra_env, 
     assert result.stderr.startswith("jobs_runner: error: ") and expected in result.stderr
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "data").exists()  # nothing was created
+
+
+def test_runner_process_runs_cli_tasks_to_done_with_the_demo_agent(tmp_path):
+    """The whole engine, no manual step: tasks created with the CLI (one depending on
+    another) are dispatched by a real jobs_runner.py, run by real shims and demo
+    agents, reported through the CLI, and end done, each with exactly one run."""
+    agent = ["{python}", "-m", "sparkops", "demo-agent", "--min-seconds", "0.1", "--max-seconds", "0.4"]
+    env = runner_env(tmp_path, SPARKOPS_DISPATCH_AGENT_ARGV=json.dumps(agent),
+                     SPARKOPS_DISPATCH_MAX_IN_PROGRESS="2")
+    cli_env = {k: v for k, v in env.items() if k.startswith("SPARKOPS_")}
+    assert run_cli("init", cwd=tmp_path, env=cli_env).returncode == 0
+    first = run_cli("task", "create", "Write the parser", "--body", "Parse the config file.",
+                    cwd=tmp_path, env=cli_env).stdout.strip()
+    ids = [first] + [run_cli("task", "create", f"Task {i}", "--parent", first, cwd=tmp_path,
+                             env=cli_env).stdout.strip() for i in range(3)]
+    with open(tmp_path / "runner.out", "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs_runner.py")], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    store = open_store(make_settings(tmp_path))
+    try:
+        wait_for(lambda: all(queries.get_task(store.board, t)["status"] == "done" for t in ids), 90,
+                 "every task to be done", proc)
+        for task_id in ids:
+            runs = queries.list_runs(store.board, task_id=task_id)
+            assert [(r["outcome"], r["status"]) for r in runs] == [("completed", "done")]
+            assert (tmp_path / "data" / "workspaces" / task_id / "RESULT.md").exists()
+        first_done = queries.get_task(store.board, first)["completed_at"]
+        assert all(queries.get_task(store.board, t)["started_at"] >= first_done for t in ids[1:])
+    finally:
+        store.dispose()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
