@@ -514,6 +514,25 @@ def fail(db: Database, task_id: str, *, run_id: int, outcome: Outcome, error: st
     return Change(task_id, "fail", row.status, target, run_id)
 
 
+def close_orphan_run(db: Database, run_id: int, *, reason: str, now: float | None = None) -> bool:
+    """Close a run row left open although its task no longer points at it (a leak
+    from another tool). The task is not touched. False if the run was closed, or
+    became current again, in the meantime."""
+    ts = epoch(now)
+    with db.write() as conn:
+        current = select(tasks.c.id).where(tasks.c.current_run_id == run_id).exists()
+        row = conn.execute(select(task_runs.c.task_id)
+                           .where(task_runs.c.id == run_id, task_runs.c.ended_at.is_(None), ~current)).first()
+        if row is None:
+            return False
+        conn.execute(update(task_runs).where(task_runs.c.id == run_id, task_runs.c.ended_at.is_(None))
+                     .values(status="reclaimed", outcome=str(Outcome.RECLAIMED), error=reason[:ERROR_EXCERPT],
+                             ended_at=ts, claim_lock=None, claim_expires=None, worker_pid=None))
+        _event(conn, row.task_id, "reclaimed", {"reason": reason, "orphan_run": run_id},
+               run_id=run_id, now=ts)
+    return True
+
+
 def heartbeat(db: Database, task_id: str, *, run_id: int, now: float | None = None) -> None:
     """Record that ``run_id``'s worker is alive. A stale run changes nothing."""
     ts = epoch(now)

@@ -27,11 +27,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparkops import board, reclaim
+from sqlalchemy import select
+
+from sparkops import board, procs, reclaim
 from sparkops.board import Change, Outcome, RetryPolicy
 from sparkops.config import CONFIG_ENV, Settings
 from sparkops.errors import ConfigError, Refused
 from sparkops.jobs import JobContext, JobReport
+from sparkops.procs import RunIdentity
+from sparkops.schema import task_runs
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,9 @@ log = logging.getLogger(__name__)
 SECRET_ENV = ("SPARKOPS_UI_PASSWORD", "SPARKOPS_TELEGRAM_TOKEN")
 HERMES_TIMEOUT_SECONDS = 300
 LOG_TAIL_LINES = 20
+#: The directory that holds the ``sparkops`` package: on the shim's PYTHONPATH, so
+#: ``python -m sparkops.shim`` works from any base directory without an install.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -139,11 +146,13 @@ def start_shim(ctx: JobContext, change: Change, *, now: float | None = None) -> 
     cannot be started books the run as ``spawn_failed``."""
     log_path = run_log_path(ctx.settings, change.task_id, change.run_id)
     argv = [sys.executable, "-m", "sparkops.shim", change.task_id, str(change.run_id)]
+    env = shim_environment(ctx.settings)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=ctx.settings.base_dir, env=shim_environment(ctx.settings),
+                                    cwd=ctx.settings.base_dir, env=env,
                                     start_new_session=True, close_fds=True)
     except OSError as exc:
         _fail_quietly(ctx, change.task_id, change.run_id, Outcome.SPAWN_FAILED,
@@ -158,15 +167,38 @@ def start_shim(ctx: JobContext, change: Change, *, now: float | None = None) -> 
 
 def close_after_shim_death(ctx: JobContext, shim: ShimExit, *, now: float | None = None) -> bool:
     """A shim exits 0 after it closed its run. Anything else with the run still
-    open means the shim died before it could: book a crash with its log's tail."""
+    open means the shim died before it could: book a crash with its log's tail.
+    While the run's agent still lives, the claim is kept (a claim whose worker is
+    alive is never released); the reclaimer closes the run once the agent is gone,
+    or stops it at its max runtime."""
     if shim.returncode == 0:
         return False
+    agent = _live_agent(ctx, shim.run_id)
+    if agent is not None:
+        log.warning("worker shim of %s (run %d) %s but its agent (pid %d) still runs; the claim "
+                    "is kept until the agent ends", shim.task_id, shim.run_id,
+                    procs.exit_description(shim.returncode), agent.pid)
+        return False
     tail = log_tail(shim.log_path)
-    from sparkops.procs import exit_description
-
-    reason = f"worker shim {exit_description(shim.returncode)} before closing the run"
+    reason = f"worker shim {procs.exit_description(shim.returncode)} before closing the run"
     return _fail_quietly(ctx, shim.task_id, shim.run_id, Outcome.CRASHED,
                          reason + (f": {tail}" if tail else ""), now=now)
+
+
+def _live_agent(ctx: JobContext, run_id: int) -> procs.Proc | None:
+    """The run's recorded agent, if it (or a process of its group) still runs."""
+    with ctx.store.board.read() as conn:
+        raw = conn.execute(select(task_runs.c.metadata).where(task_runs.c.id == run_id)).scalar()
+    try:
+        metadata = json.loads(raw) if isinstance(raw, str) and raw else raw
+    except ValueError:
+        return None
+    identity = RunIdentity.from_metadata(metadata if isinstance(metadata, dict) else None)
+    if identity is None or identity.agent is None:
+        return None
+    if procs.is_alive(identity.agent) or procs.group_alive(identity.agent):
+        return identity.agent
+    return None
 
 
 def _fail_quietly(ctx: JobContext, task_id: str, run_id: int, outcome: Outcome, error: str,
@@ -210,6 +242,9 @@ def dispatch_hermes(ctx: JobContext) -> JobReport:
     if free <= 0:
         return JobReport(f"at capacity ({used} running)", acted=False)
     argv = [part.replace("{max}", str(free)) for part in ctx.settings["dispatch.hermes_argv"]]
+    if not argv:
+        raise ConfigError("dispatch.hermes_argv is empty; it needs the hermes command, e.g. "
+                          '["hermes", "kanban", "dispatch", "--max", "{max}", "--json"]')
     env = shim_environment(ctx.settings)
     env["HERMES_KANBAN_DB"] = str(db.path)
     try:
@@ -218,6 +253,8 @@ def dispatch_hermes(ctx: JobContext) -> JobReport:
     except FileNotFoundError:
         raise ConfigError(f"dispatch.hermes_argv: {argv[0]!r} not found; install hermes-agent "
                           "or set the full path") from None
+    except OSError as exc:
+        raise ConfigError(f"dispatch.hermes_argv: cannot run {argv[0]!r}: {exc.strerror or exc}") from None
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: "
                            f"{(done.stderr or done.stdout).strip()[-400:]}")

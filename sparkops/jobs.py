@@ -139,8 +139,18 @@ def run_job(ctx: JobContext, name: str, *, now: float | None = None, trigger: st
     lock = JobLock(lock_dir(ctx.settings) / f"{name}.lock")
     try:
         lock.acquire()
+    except OSError as exc:
+        result = JobRun(name, trigger, started, 0.0, "error", summary="failed",
+                        error=f"cannot take the lock {lock.path}: {exc.strerror or exc}")
+        log.error("job %s: %s", name, result.error)
+        _record(ctx, result)
+        return result
     except JobBusy as busy:
-        return JobRun(name, trigger, started, 0.0, "skipped", summary=str(busy), acted=False)
+        # recorded like any run that did not end "ok" (a scheduled one too: it only
+        # happens while a person's run of the same job holds the lock)
+        result = JobRun(name, trigger, started, 0.0, "skipped", summary=str(busy), acted=False)
+        _record(ctx, result)
+        return result
     try:
         report = specs[name].run(ctx, now=now, **options)
         result = JobRun(name, trigger, started, time.monotonic() - clock, "ok",

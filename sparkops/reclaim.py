@@ -52,7 +52,7 @@ TIMEOUT_MARGIN_SECONDS = 30
 class Verdict:
     task_id: str
     run_id: int
-    action: str  # "fail" | "release" | "terminate"
+    action: str  # "fail" | "release" | "terminate" | "close_orphan"
     outcome: str
     reason: str
     local: bool = False  # a dead run of this host, found by process identity
@@ -106,7 +106,7 @@ def assess(ctx: JobContext, row: Any, *, now: float | None = None) -> Verdict | 
     settings = ctx.settings
     if row.current_run_id != row.id:
         # an open run row the task no longer points at (a leak from an older tool)
-        return Verdict(row.task_id, row.id, "release", Outcome.RECLAIMED,
+        return Verdict(row.task_id, row.id, "close_orphan", Outcome.RECLAIMED,
                        "run row left open while the task moved on")
     metadata = _metadata(row.metadata)
     identity = RunIdentity.from_metadata(metadata)
@@ -170,6 +170,11 @@ def act(ctx: JobContext, verdict: Verdict, *, now: float | None = None) -> bool:
     if verdict.action == "terminate":
         what = _terminate(ctx, verdict)
     reason = verdict.reason + (f"; {what}" if what else "")
+    if verdict.action == "close_orphan":
+        if not board.close_orphan_run(db, verdict.run_id, reason=reason, now=now):
+            return False
+        log.warning("closed orphan run %d of %s: %s", verdict.run_id, verdict.task_id, reason)
+        return True
     try:
         if verdict.action == "release":
             board.reclaim(db, verdict.task_id, run_id=verdict.run_id, reason=reason, now=now)

@@ -50,6 +50,8 @@ from sparkops.store import Store, open_store
 log = logging.getLogger("sparkops.shim")
 
 EXIT_RATE_LIMITED = 75
+#: Run outcomes that mean the agent reported (``sparkops task complete|block``).
+REPORTED = frozenset({Outcome.COMPLETED, Outcome.BLOCKED})
 PLACEHOLDERS = ("task_id", "run_id", "workspace", "prompt_file", "log_file", "python")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +60,12 @@ def render_argv(template: Sequence[str], values: dict[str, str]) -> list[str]:
     """Fill ``{placeholders}`` in each argv element; unknown ones are a ConfigError."""
     argv = []
     for part in template:
-        for _, field, _, _ in string.Formatter().parse(part):
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(part)]
+        except ValueError as exc:  # a lone brace: "{" or "}"
+            raise ConfigError(f"dispatch.agent_argv: {part!r} is not a valid template ({exc}); "
+                              "write {{ and }} for literal braces") from None
+        for field in fields:
             if field is not None and field not in values:
                 raise ConfigError(
                     f"dispatch.agent_argv: unknown placeholder {{{field}}} in {part!r}; "
@@ -191,8 +198,9 @@ class Shim:
                 log.warning("heartbeat failed (will retry): %s", exc)
 
     def _classify(self, code: int, workspace: Path, log_file: Path) -> int:
-        if self._reported():
-            log.info("agent %s after reporting", procs.exit_description(code))
+        ended, outcome = self._ended()
+        if ended:  # reported by the agent, or closed by someone else: nothing to book
+            log.info("agent %s; run already closed (%s)", procs.exit_description(code), outcome)
             return 0
         if not workspace.exists():
             return self._book(Outcome.WORKSPACE_MISSING,
@@ -236,11 +244,18 @@ class Shim:
                                .where(tasks.c.id == self.task_id)).scalar()
         return int(own or self.settings["reclaim.max_runtime_seconds"])
 
-    def _reported(self) -> bool:
-        """Did the run end by someone else's hand (the agent's report, a reclaim)?"""
+    def _ended(self) -> tuple[bool, str | None]:
+        """Has the run been closed (by anyone), and with what outcome?"""
         with self.store.board.read() as conn:
-            ended = conn.execute(select(task_runs.c.ended_at).where(task_runs.c.id == self.run_id)).scalar()
-        return ended is not None
+            row = conn.execute(select(task_runs.c.ended_at, task_runs.c.outcome)
+                               .where(task_runs.c.id == self.run_id)).first()
+        return (row is not None and row.ended_at is not None), (row.outcome if row else None)
+
+    def _reported(self) -> bool:
+        """Did the agent close the run with its own report (complete or block)? A run
+        closed otherwise (reclaimed, failed by the reclaimer) lost its claim."""
+        ended, outcome = self._ended()
+        return ended and outcome in REPORTED
 
     def _stop(self, agent: Proc) -> str:
         return procs.terminate_group(agent, grace=self.settings["reclaim.term_grace_seconds"])
