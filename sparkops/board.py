@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Iterable
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -285,7 +285,7 @@ def claim(db: Database, task_id: str, *, lock: str, ttl_seconds: int = DEFAULT_C
 def claim_next(db: Database, *, host: str, lock: str, capacity: int,
                policy: RetryPolicy = RetryPolicy(), workspace_root: str | None = None,
                ttl_seconds: int = DEFAULT_CLAIM_TTL, now: float | None = None,
-               scan: int = 200) -> Change | None:
+               scan: int = 200, deferred: list[float] | None = None) -> Change | None:
     """The dispatcher's claim: the best eligible ``ready`` task, if ``host`` has
     fewer than ``capacity`` open runs. One transaction; None when there is nothing
     to claim (no slot, no eligible task).
@@ -293,15 +293,19 @@ def claim_next(db: Database, *, host: str, lock: str, capacity: int,
     Order: priority, then age. Eligible: every parent finished, and the retry
     backoff (or the rate-limit cooldown) since its last run has passed. The count
     of open runs and the claim happen in the same transaction, so concurrent
-    dispatchers of one host never exceed its capacity."""
+    dispatchers of one host never exceed its capacity. Tasks passed over because
+    their backoff has not run out add the time it does to ``deferred``."""
     ts = epoch(now)
     with db.write() as conn:
         db.serialize_claims(conn, host)
         if _open_runs_on(conn, host) >= capacity:
             return None
         for row in _claim_candidates(conn, scan):
-            if policy.not_before(row.consecutive_failures or 0, row.last_outcome,
-                                 row.last_end) > ts:
+            not_before = policy.not_before(row.consecutive_failures or 0, row.last_outcome,
+                                           row.last_end)
+            if not_before > ts:
+                if deferred is not None:
+                    deferred.append(not_before)
                 continue
             task = _task_row(conn, row.id)
             if task.status != Status.READY:
@@ -658,34 +662,48 @@ def _open_run(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
     return int(run_id)
 
 
+def host_lock_pattern(host: str) -> str:
+    """A LIKE pattern for the claim locks of ``host`` (``host:pid``), escaped."""
+    escaped = host.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + ":%"
+
+
+def claim_lock_of_host():
+    """``task_runs.claim_lock LIKE :host_pattern`` (see :func:`host_lock_pattern`)."""
+    return task_runs.c.claim_lock.like(bindparam("host_pattern"), escape="\\")
+
+
+# Built once: the dispatcher asks these every second.
+_OPEN_RUNS_ON_HOST = (select(func.count()).select_from(task_runs)
+                      .where(task_runs.c.ended_at.is_(None), claim_lock_of_host()))
+_parent = tasks.alias("parent")
+#: Correlated to ``tasks``: the task has a parent that is neither done nor archived.
+HAS_UNFINISHED_PARENT = (
+    select(task_links.c.child_id)
+    .join(_parent, _parent.c.id == task_links.c.parent_id)
+    .where(task_links.c.child_id == tasks.c.id, _parent.c.status.not_in(list(FINISHED)))
+    .exists()
+)
+_last = task_runs.alias("last")
+_LAST_RUN_ID = (select(task_runs.c.id).where(task_runs.c.task_id == tasks.c.id)
+                .order_by(task_runs.c.id.desc()).limit(1).scalar_subquery())
+_CLAIM_CANDIDATES = (
+    select(tasks.c.id, tasks.c.consecutive_failures,
+           _last.c.ended_at.label("last_end"), _last.c.outcome.label("last_outcome"))
+    .select_from(tasks.outerjoin(_last, _last.c.id == _LAST_RUN_ID))
+    .where(tasks.c.status == Status.READY, ~HAS_UNFINISHED_PARENT)
+    .order_by(tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
+    .limit(bindparam("scan"))
+)
+
+
 def _open_runs_on(conn: Connection, host: str) -> int:
-    return int(conn.execute(
-        select(func.count()).select_from(task_runs).where(
-            task_runs.c.ended_at.is_(None),
-            task_runs.c.claim_lock.startswith(f"{host}:", autoescape=True))
-    ).scalar() or 0)
+    return int(conn.execute(_OPEN_RUNS_ON_HOST, {"host_pattern": host_lock_pattern(host)}).scalar() or 0)
 
 
 def _claim_candidates(conn: Connection, limit: int):
     """Ready tasks with no unfinished parent, best first, with their last run."""
-    parent = tasks.alias("parent")
-    blocking = (
-        select(task_links.c.child_id)
-        .join(parent, parent.c.id == task_links.c.parent_id)
-        .where(task_links.c.child_id == tasks.c.id, parent.c.status.not_in(list(FINISHED)))
-        .exists()
-    )
-    last_run = (select(task_runs.c.id).where(task_runs.c.task_id == tasks.c.id)
-                .order_by(task_runs.c.id.desc()).limit(1).scalar_subquery())
-    last = task_runs.alias("last")
-    return conn.execute(
-        select(tasks.c.id, tasks.c.consecutive_failures,
-               last.c.ended_at.label("last_end"), last.c.outcome.label("last_outcome"))
-        .select_from(tasks.outerjoin(last, last.c.id == last_run))
-        .where(tasks.c.status == Status.READY, ~blocking)
-        .order_by(tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
-        .limit(limit)
-    ).all()
+    return conn.execute(_CLAIM_CANDIDATES, {"scan": limit}).all()
 
 
 def _protocol_violation_streak(conn: Connection, task_id: str) -> int:
@@ -769,14 +787,7 @@ def _promote_children(conn: Connection, task_id: str, *, now: int) -> list[str]:
 
 def _promote_where(conn: Connection, condition, *, now: int) -> list[str]:
     """Move matching ``todo`` tasks with no unfinished parent to ``ready``."""
-    parent = tasks.alias("parent")
-    blocking = (
-        select(task_links.c.child_id)
-        .join(parent, parent.c.id == task_links.c.parent_id)
-        .where(task_links.c.child_id == tasks.c.id, parent.c.status.not_in(list(FINISHED)))
-        .exists()
-    )
-    candidates = list(conn.execute(select(tasks.c.id).where(condition, ~blocking)).scalars())
+    candidates = list(conn.execute(select(tasks.c.id).where(condition, ~HAS_UNFINISHED_PARENT)).scalars())
     promoted = []
     for child in candidates:
         won = conn.execute(update(tasks).where(tasks.c.id == child, tasks.c.status == Status.TODO)

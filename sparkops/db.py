@@ -198,6 +198,21 @@ class Database:
         )
         return StorageError(f"{doing} the {self.role} database {self.display_url}: {reason}; {hint}")
 
+    def change_token(self) -> object | None:
+        """Something that changes whenever anyone commits to this database, read
+        without opening it: for SQLite the size and mtime of the file and its WAL.
+        None when there is no such cheap signal (PostgreSQL)."""
+        if self.path is None:
+            return None
+        token = []
+        for path in (self.path, Path(f"{self.path}-wal")):
+            try:
+                st = path.stat()
+                token.append((st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                token.append(None)
+        return tuple(token)
+
     def serialize_claims(self, conn: Connection, key: str) -> None:
         """Make claims for ``key`` (a host) one at a time until this transaction ends.
 

@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from sqlalchemy import select
 
 from sparkops import board, procs, reclaim
 from sparkops.board import Change, Outcome, RetryPolicy
+from sparkops.clock import epoch
 from sparkops.config import CONFIG_ENV, Settings
 from sparkops.errors import ConfigError, Refused
 from sparkops.jobs import JobContext, JobReport
@@ -57,11 +59,87 @@ class ShimExit:
 
 
 class ShimTracker:
-    """The worker shims this process started and has not yet reaped (the runner
-    keeps one, so dead shims never linger as zombies and their exit is seen at once)."""
+    """The dispatcher's memory in the runner: the worker shims it started and has
+    not yet reaped (so dead shims never linger as zombies and their exit is seen at
+    once), and what the board looked like at the last tick that found nothing to do.
+
+    An idle runner then costs a ``stat`` a second: while no run of this host is open
+    and the board's files are unchanged (:meth:`sparkops.db.Database.change_token`),
+    there is nothing new to claim, except a task whose retry backoff runs out: the
+    next full look is due then (and at least every :data:`FULL_LOOK_SECONDS`)."""
+
+    FULL_LOOK_SECONDS = 60.0
 
     def __init__(self) -> None:
         self._running: dict[int, tuple[subprocess.Popen, str, int, Path]] = {}
+        self._idle_token: object = None
+        self._full_look_by = 0.0
+        self._standby: subprocess.Popen | None = None
+        self._standby_retry_at = 0.0
+
+    # -- the standby shim: started ahead, imported and waiting on its stdin --------
+
+    STANDBY_RETRY_SECONDS = 60.0
+
+    def keep_standby(self, settings: Settings) -> None:
+        """Have a warm shim waiting (``python -m sparkops.shim --standby``), so the
+        next dispatch skips the interpreter's start-up (~0.3 s). One that died
+        waiting is not replaced for a minute (a broken install must not spin)."""
+        standby = self._standby
+        if standby is not None:
+            if standby.poll() is None:
+                return
+            log.warning("the standby worker shim exited (%s) before getting a run",
+                        procs.exit_description(standby.returncode))
+            self._standby = None
+            self._standby_retry_at = time.monotonic() + self.STANDBY_RETRY_SECONDS
+        if time.monotonic() < self._standby_retry_at:
+            return
+        try:
+            self._standby = subprocess.Popen(
+                shim_argv("--standby"), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, cwd=settings.base_dir, env=shim_env(settings),
+                start_new_session=True, close_fds=True)
+        except OSError as exc:
+            log.warning("cannot start a standby worker shim: %s", exc)
+            self._standby_retry_at = time.monotonic() + self.STANDBY_RETRY_SECONDS
+
+    def hand_to_standby(self, task_id: str, run_id: int, log_path: Path) -> subprocess.Popen | None:
+        """Give the run to the standby shim; None if there is none alive."""
+        standby, self._standby = self._standby, None
+        if standby is None or standby.poll() is not None:
+            return None
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            standby.stdin.write(f"{task_id} {run_id} {log_path}\n".encode())
+            standby.stdin.close()
+        except OSError:
+            standby.kill()
+            standby.wait()
+            return None
+        return standby
+
+    def stop_standby(self) -> None:
+        """End the standby shim (closing its stdin is its signal to exit)."""
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.poll() is None:
+            standby.stdin.close()
+            try:
+                standby.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                standby.kill()
+                standby.wait()
+
+    def quiet(self, token: object, now: float) -> bool:
+        """True when the last tick was idle and nothing has changed since."""
+        return (token is not None and token == self._idle_token and not self._running
+                and now < self._full_look_by)
+
+    def note_idle(self, token: object, now: float, look_again_at: float | None = None) -> None:
+        """After a full tick: ``token`` if it found nothing to do, else None."""
+        self._idle_token = token
+        self._full_look_by = min(now + self.FULL_LOOK_SECONDS,
+                                 look_again_at if look_again_at is not None else float("inf"))
 
     def add(self, proc: subprocess.Popen, task_id: str, run_id: int, log_path: Path) -> None:
         self._running[proc.pid] = (proc, task_id, run_id, log_path)
@@ -98,14 +176,19 @@ def run(ctx: JobContext, *, now: float | None = None) -> JobReport:
 
 
 def dispatch_native(ctx: JobContext, *, now: float | None = None) -> JobReport:
+    tracker = ctx.shims
+    if tracker is not None and tracker.quiet(ctx.store.board.change_token(), epoch(now)):
+        return JobReport("nothing changed since the last look", acted=False)
     notes: list[str] = []
-    for shim in ctx.shims.reap() if ctx.shims else []:
+    for shim in tracker.reap() if tracker is not None else []:
         if close_after_shim_death(ctx, shim, now=now):
             notes.append(f"shim of {shim.task_id} died ({shim.returncode})")
-    recovered = reclaim.reclaim_local_dead(ctx, now=now)
+    local = reclaim.open_runs(ctx, host=ctx.host)
+    recovered = reclaim.reclaim_local_dead(ctx, now=now, rows=local)
     notes += [f"reclaimed {v.task_id}: {v.reason}" for v in recovered]
 
     started: list[Change] = []
+    deferred: list[float] = []  # when tasks waiting out a retry backoff become eligible
     if not ctx.settings["dispatch.agent_argv"]:
         if not notes:
             return JobReport("no agent configured (dispatch.agent_argv is empty); ready tasks wait",
@@ -114,15 +197,25 @@ def dispatch_native(ctx: JobContext, *, now: float | None = None) -> JobReport:
         policy = retry_policy(ctx.settings)
         lock = f"{ctx.host}:{os.getpid()}"
         while True:
+            deferred.clear()
             change = board.claim_next(
                 ctx.store.board, host=ctx.host, lock=lock,
                 capacity=ctx.settings["dispatch.max_in_progress"], policy=policy,
-                workspace_root=str(ctx.settings["dispatch.workspace_root"]), now=now)
+                workspace_root=str(ctx.settings["dispatch.workspace_root"]), now=now,
+                deferred=deferred)
             if change is None:
                 break
             started.append(change)
             start_shim(ctx, change, now=now)
+        if tracker is not None:
+            tracker.keep_standby(ctx.settings)
     notes += [f"started {c.task_id} (run {c.run_id})" for c in started]
+    if tracker is not None:
+        # Nothing running here and nothing started: until the board changes, the
+        # next ticks only look at the board's files (see ShimTracker.quiet).
+        idle = not started and len(local) == len(recovered) and not len(tracker)
+        tracker.note_idle(ctx.store.board.change_token() if idle else None, epoch(now),
+                          look_again_at=min(deferred, default=None))
     if not notes:
         return JobReport("no free slot or no eligible ready task", acted=False)
     return JobReport("; ".join(notes), details={"started": [c.task_id for c in started],
@@ -141,25 +234,39 @@ def shim_environment(settings: Settings, base: dict[str, str] | None = None) -> 
     return env
 
 
-def start_shim(ctx: JobContext, change: Change, *, now: float | None = None) -> subprocess.Popen | None:
-    """Start ``python -m sparkops.shim TASK RUN`` in its own session. A shim that
-    cannot be started books the run as ``spawn_failed``."""
-    log_path = run_log_path(ctx.settings, change.task_id, change.run_id)
-    argv = [sys.executable, "-m", "sparkops.shim", change.task_id, str(change.run_id)]
-    env = shim_environment(ctx.settings)
+def shim_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sparkops.shim", *args]
+
+
+def shim_env(settings: Settings) -> dict[str, str]:
+    """The shim's environment: the runner's without secrets, and the package on
+    PYTHONPATH so ``python -m sparkops.shim`` works without an install."""
+    env = shim_environment(settings)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
-    try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=ctx.settings.base_dir, env=env,
-                                    start_new_session=True, close_fds=True)
-    except OSError as exc:
-        _fail_quietly(ctx, change.task_id, change.run_id, Outcome.SPAWN_FAILED,
-                      f"cannot start the worker shim: {exc}", now=now)
-        return None
-    if ctx.shims is not None:
-        ctx.shims.add(proc, change.task_id, change.run_id, log_path)
+    return env
+
+
+def start_shim(ctx: JobContext, change: Change, *, now: float | None = None) -> subprocess.Popen | None:
+    """Hand the run to the warm standby shim when there is one, else start
+    ``python -m sparkops.shim TASK RUN`` in its own session. A shim that cannot be
+    started books the run as ``spawn_failed``."""
+    log_path = run_log_path(ctx.settings, change.task_id, change.run_id)
+    tracker = ctx.shims
+    proc = tracker.hand_to_standby(change.task_id, change.run_id, log_path) if tracker is not None else None
+    if proc is None:
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(shim_argv(change.task_id, str(change.run_id)),
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        cwd=ctx.settings.base_dir, env=shim_env(ctx.settings),
+                                        start_new_session=True, close_fds=True)
+        except OSError as exc:
+            _fail_quietly(ctx, change.task_id, change.run_id, Outcome.SPAWN_FAILED,
+                          f"cannot start the worker shim: {exc}", now=now)
+            return None
+    if tracker is not None:
+        tracker.add(proc, change.task_id, change.run_id, log_path)
     log.info("dispatched %s (run %d) to shim pid %d; log %s", change.task_id, change.run_id,
              proc.pid, log_path)
     return proc

@@ -51,6 +51,8 @@ class JobContext:
     store: Store
     host: str
     shims: "ShimTracker | None" = None
+    #: what a job saw last time, for jobs that can skip work when nothing changed
+    memo: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings, store: Store, shims: "ShimTracker | None" = None) -> "JobContext":
@@ -116,7 +118,11 @@ def promote(ctx: JobContext, *, now: float | None = None) -> JobReport:
     """The ``promote`` job: the safety net for parents finished by another tool."""
     from sparkops import board
 
+    token = ctx.store.board.change_token()
+    if token is not None and ctx.memo.get("promote") == token:
+        return JobReport("nothing changed since the last look", acted=False)
     promoted = board.promote_ready(ctx.store.board, now=now)
+    ctx.memo["promote"] = ctx.store.board.change_token()
     if not promoted:
         return JobReport("nothing to promote", acted=False)
     return JobReport(f"promoted {len(promoted)} task(s): {', '.join(promoted)}",

@@ -74,30 +74,37 @@ def run(ctx: JobContext, *, now: float | None = None, dry_run: bool = False) -> 
                      details={"verdicts": [v.as_dict() for v in done]})
 
 
-def reclaim_local_dead(ctx: JobContext, *, now: float | None = None) -> list[Verdict]:
+def reclaim_local_dead(ctx: JobContext, *, now: float | None = None,
+                       rows: list[Any] | None = None) -> list[Verdict]:
     """The dispatcher's quick pass: close this host's runs whose processes are all
-    gone (nothing to signal, so it is cheap and safe to do every tick)."""
+    gone (nothing to signal, so it is cheap and safe to do every tick). ``rows``:
+    this host's open runs, when the caller has already read them."""
     closed = []
-    for row in open_runs(ctx, host=ctx.host):
+    for row in open_runs(ctx, host=ctx.host) if rows is None else rows:
         verdict = assess(ctx, row, now=now)
         if verdict is not None and verdict.local and verdict.action == "fail" and act(ctx, verdict, now=now):
             closed.append(verdict)
     return closed
 
 
+# Built once: the dispatcher asks for this host's open runs every second.
+_OPEN_RUNS = (select(task_runs.c.id, task_runs.c.task_id, task_runs.c.claim_lock, task_runs.c.claim_expires,
+                     task_runs.c.worker_pid, task_runs.c.started_at, task_runs.c.last_heartbeat_at,
+                     task_runs.c.metadata, tasks.c.status, tasks.c.current_run_id,
+                     tasks.c.max_runtime_seconds)
+              .select_from(task_runs.join(tasks, tasks.c.id == task_runs.c.task_id))
+              .where(task_runs.c.ended_at.is_(None))
+              .order_by(task_runs.c.id))
+_OPEN_RUNS_ON_HOST = _OPEN_RUNS.where(board.claim_lock_of_host())
+
+
 def open_runs(ctx: JobContext, host: str | None = None) -> list[Any]:
-    """Open runs with their task's status, current run and max runtime."""
-    query = (select(task_runs.c.id, task_runs.c.task_id, task_runs.c.claim_lock, task_runs.c.claim_expires,
-                    task_runs.c.worker_pid, task_runs.c.started_at, task_runs.c.last_heartbeat_at,
-                    task_runs.c.metadata, tasks.c.status, tasks.c.current_run_id,
-                    tasks.c.max_runtime_seconds)
-             .select_from(task_runs.join(tasks, tasks.c.id == task_runs.c.task_id))
-             .where(task_runs.c.ended_at.is_(None))
-             .order_by(task_runs.c.id))
-    if host is not None:
-        query = query.where(task_runs.c.claim_lock.startswith(f"{host}:", autoescape=True))
+    """Open runs with their task's status, current run and max runtime (of one host's
+    claims when ``host`` is given)."""
     with ctx.store.board.read() as conn:
-        return conn.execute(query).all()
+        if host is None:
+            return conn.execute(_OPEN_RUNS).all()
+        return conn.execute(_OPEN_RUNS_ON_HOST, {"host_pattern": board.host_lock_pattern(host)}).all()
 
 
 def assess(ctx: JobContext, row: Any, *, now: float | None = None) -> Verdict | None:

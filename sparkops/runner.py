@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 #: The longest the loop sleeps between looks at the schedule (seconds).
 POLL_SECONDS = 1.0
-HOST_HEARTBEAT_SECONDS = 10.0
+HOST_HEARTBEAT_SECONDS = 30.0
 
 
 class Runner:
@@ -113,6 +113,8 @@ class Runner:
             wait = poll_seconds if idle is None else min(max(idle, 0.01), poll_seconds)
             if self.wake.wait(wait):
                 continue
+        if self.ctx.shims is not None:
+            self.ctx.shims.stop_standby()
         self.heartbeat_host(stopping=True)
 
     def request_stop(self, reason: str = "requested") -> None:

@@ -271,12 +271,38 @@ class Shim:
         return 0
 
 
+def wait_for_assignment(stream=None) -> tuple[str, int, Path] | None:
+    """A standby shim's wait: one line ``TASK_ID RUN_ID LOG_PATH`` from the
+    dispatcher, or None at end of input (the runner went away)."""
+    line = (stream or sys.stdin).readline()
+    if not line.strip():
+        return None
+    task_id, run_id, log_path = line.rstrip("\n").split(" ", 2)
+    return task_id, int(run_id), Path(log_path)
+
+
+def _redirect_output(log_path: Path) -> None:
+    """Send this process's stdout and stderr to the run's log (appending)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparkops.shim",
                                      description="Run one task's agent for one run (started by the dispatcher).")
-    parser.add_argument("task_id")
-    parser.add_argument("run_id", type=int)
+    parser.add_argument("task_id", nargs="?")
+    parser.add_argument("run_id", nargs="?", type=int)
+    parser.add_argument("--standby", action="store_true",
+                        help="start up, then wait for 'TASK_ID RUN_ID LOG_PATH' on stdin "
+                             "(the dispatcher keeps one shim warm so a slot is refilled at once)")
     args = parser.parse_args(argv)
+    if not args.standby and (args.task_id is None or args.run_id is None):
+        parser.error("TASK_ID and RUN_ID are required (or --standby)")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s shim[%(process)d] %(levelname)s: %(message)s")
     try:
@@ -286,7 +312,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", err)
         return 1
     try:
-        return Shim(settings, store, args.task_id, args.run_id).run()
+        task_id, run_id = args.task_id, args.run_id
+        if args.standby:
+            assignment = wait_for_assignment()
+            if assignment is None:
+                return 0
+            task_id, run_id, log_path = assignment
+            _redirect_output(log_path)
+        return Shim(settings, store, task_id, run_id).run()
     except (SparkOpsError, DBAPIError) as exc:
         log.error("shim failed: %s", exc)
         return 1

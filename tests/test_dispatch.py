@@ -622,3 +622,79 @@ def test_hermes_mode_on_a_postgresql_board_is_a_config_error(tmp_path, pg_url):
             dispatch_hermes(JobContext.create(settings, store))
     finally:
         store.dispose()
+
+
+# -- the idle fast path --------------------------------------------------------------------
+
+
+def test_shim_tracker_is_quiet_only_while_nothing_changed():
+    tracker = ShimTracker()
+    assert not tracker.quiet(("token",), NOW)  # never looked yet
+    tracker.note_idle(("token",), NOW)
+    assert tracker.quiet(("token",), NOW + 1)
+    assert not tracker.quiet(("other",), NOW + 1)  # the board changed
+    assert not tracker.quiet(None, NOW + 1)  # no cheap signal (PostgreSQL): always look
+    assert not tracker.quiet(("token",), NOW + ShimTracker.FULL_LOOK_SECONDS)  # look now and then
+    tracker.note_idle(("token",), NOW, look_again_at=NOW + 7)  # a backoff runs out at +7
+    assert tracker.quiet(("token",), NOW + 6) and not tracker.quiet(("token",), NOW + 7)
+    tracker.note_idle(None, NOW)  # a tick that did something
+    assert not tracker.quiet(("token",), NOW + 1)
+
+
+def test_claim_next_reports_when_deferred_tasks_become_eligible(sqlite_store):
+    db = sqlite_store.board
+    task = board.create_task(db, "flaky", now=NOW)
+    policy = RetryPolicy(backoff_seconds=10)
+    for at in (NOW, NOW + 1):  # two failures: the next retry waits 10 s
+        run = claim(db, now=at, policy=policy).run_id
+        board.fail(db, task, run_id=run, outcome=Outcome.CRASHED, error="x", failure_limit=5, now=at)
+    deferred: list[float] = []
+    assert claim(db, now=NOW + 2, policy=policy, deferred=deferred) is None
+    assert deferred == [NOW + 1 + 10]
+
+
+def test_an_idle_dispatcher_notices_new_work_at_once(sqlite_store, tmp_path, monkeypatch):
+    """After an idle tick the dispatcher only stats the board's files; a task
+    created by another process changes them, so the next tick claims it."""
+    monkeypatch.setenv("SPARKOPS_DISPATCH_AGENT_ARGV", json.dumps(["{python}", "-c", "pass"]))
+    settings = make_settings(tmp_path, SPARKOPS_DISPATCH_AGENT_ARGV=json.dumps(["{python}", "-c", "pass"]))
+    ctx = JobContext.create(settings, sqlite_store, shims=ShimTracker())
+    assert run_job(ctx, "dispatch", now=NOW, trigger="schedule").summary.startswith("no free slot")
+    assert run_job(ctx, "dispatch", now=NOW + 1, trigger="schedule").summary == \
+        "nothing changed since the last look"
+    other = open_store(settings)  # another connection, as the CLI would be
+    try:
+        task = board.create_task(other.board, "new work", now=NOW + 2)
+    finally:
+        other.dispose()
+    result = run_job(ctx, "dispatch", now=NOW + 2, trigger="schedule")
+    assert result.details["started"] == [task]
+
+
+def test_a_warm_standby_shim_takes_the_next_run(sqlite_store, tmp_path, monkeypatch):
+    """The dispatcher keeps one shim started and waiting, hands it the next run (no
+    interpreter start-up on the critical path), and starts a new one."""
+    agent = json.dumps(["{python}", "-c", "pass"])
+    monkeypatch.setenv("SPARKOPS_STORAGE_BOARD_URL", f"sqlite:///{tmp_path}/data/kanban.db")
+    monkeypatch.setenv("SPARKOPS_STORAGE_OPS_URL", f"sqlite:///{tmp_path}/data/sparkops.db")
+    monkeypatch.setenv("SPARKOPS_DISPATCH_AGENT_ARGV", agent)
+    settings = make_settings(tmp_path, SPARKOPS_DISPATCH_AGENT_ARGV=agent)
+    tracker = ShimTracker()
+    ctx = JobContext.create(settings, sqlite_store, shims=tracker)
+    try:
+        run_job(ctx, "dispatch", now=NOW)  # nothing to do yet: a standby is started
+        standby = tracker._standby
+        assert standby is not None and standby.poll() is None
+        task = board.create_task(sqlite_store.board, "work", now=NOW)
+        result = run_job(ctx, "dispatch", now=NOW + 1)
+        assert result.details["started"] == [task]
+        [run] = queries.list_runs(sqlite_store.board, task_id=task)
+        wait = time.monotonic() + 30
+        while time.monotonic() < wait and not (run.get("metadata") or {}).get("process"):
+            time.sleep(0.05)
+            [run] = queries.list_runs(sqlite_store.board, task_id=task)
+        assert run["metadata"]["process"]["shim"]["pid"] == standby.pid  # the warm one took it
+        assert tracker._standby is not None and tracker._standby.pid != standby.pid
+    finally:
+        tracker.stop_standby()
+    assert tracker._standby is None

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from sqlalchemy import create_engine, update
 
@@ -285,3 +286,33 @@ def test_runner_process_runs_cli_tasks_to_done_with_the_demo_agent(tmp_path):
         store.dispose()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_stopping_the_runner_leaves_running_workers_alone(tmp_path):
+    """SIGTERM to the runner while an agent works: the runner exits 0 at once, the
+    worker (its own session) keeps going, reports, and its shim closes the run."""
+    agent = ["{python}", "-m", "sparkops", "demo-agent", "--min-seconds", "2", "--max-seconds", "2"]
+    env = runner_env(tmp_path, SPARKOPS_DISPATCH_AGENT_ARGV=json.dumps(agent))
+    cli_env = {k: v for k, v in env.items() if k.startswith("SPARKOPS_")}
+    assert run_cli("init", cwd=tmp_path, env=cli_env).returncode == 0
+    task = run_cli("task", "create", "Outlive the runner", cwd=tmp_path, env=cli_env).stdout.strip()
+    with open(tmp_path / "runner.out", "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs_runner.py")], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    store = open_store(make_settings(tmp_path))
+    try:
+        def agent_pid():
+            runs = queries.list_runs(store.board, task_id=task)
+            return runs and (runs[0]["metadata"] or {}).get("process", {}).get("agent", {}) or None
+        agent = wait_for(agent_pid, 30, "the agent to start", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert psutil.pid_exists(agent["pid"])  # the worker was not touched
+        wait_for(lambda: queries.get_task(store.board, task)["status"] == "done", 30,
+                 "the orphaned worker to finish and report")
+        [run] = queries.list_runs(store.board, task_id=task)
+        assert run["outcome"] == "completed"
+    finally:
+        store.dispose()
+        if proc.poll() is None:
+            proc.kill()
