@@ -8,9 +8,14 @@ One step (:func:`run`, the ``dispatch`` job):
    so a crashed agent frees its slot at the next tick, not at the next cron;
 3. while this host has fewer live runs than ``dispatch.max_in_progress``, claim
    the best eligible ready task (:func:`sparkops.board.claim_next`: priority,
-   age, dependencies, retry backoff) and start the worker shim for it
-   (``python -m sparkops.shim TASK RUN``) in its own session, with its output
-   appended to the run's log.
+   age, dependencies, retry backoff) and give it to a worker shim in its own
+   session, with its output appended to the run's log: the warm standby shim the
+   runner keeps started (``python -m sparkops.shim --standby``, so no interpreter
+   start-up sits between a free slot and the next agent), else a new
+   ``python -m sparkops.shim TASK RUN``.
+
+In the runner, a tick that finds nothing to do remembers the board's files; the
+next ticks only ``stat`` them until something changes (see :class:`ShimTracker`).
 
 ``dispatch.mode = "hermes"`` runs ``hermes kanban dispatch --max N --json``
 instead, for boards that Hermes workers serve.
