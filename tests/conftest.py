@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -131,6 +133,31 @@ def sqlite_store(sqlite_settings: Settings) -> Iterator[Store]:
         yield st
     finally:
         st.dispose()
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0,
+             proc: subprocess.Popen | None = None) -> Any:
+    """Poll ``predicate`` until it returns something truthy (and return that), or
+    fail after ``timeout`` seconds; fail at once if ``proc`` exits meanwhile.
+    For waiting on other processes; the clock of the code under test is a parameter."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited with {proc.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def gone(pid: int) -> bool:
+    """The process no longer runs (it is gone, or a zombie nobody reaped yet)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,

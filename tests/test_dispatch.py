@@ -21,9 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from conftest import IN_CI, NOW, ROOT, make_settings
+from conftest import IN_CI, NOW, ROOT, gone, make_settings, wait_for
 from sqlalchemy import func, insert, select
 
 from sparkops import board, procs, queries
@@ -323,22 +322,8 @@ SLEEPS = py("import time", 'print("sleeping", flush=True)', "time.sleep(60)")
 DEMO_AGENT = ["{python}", "-m", "sparkops", "demo-agent", "--min-seconds", "0", "--max-seconds", "0.1"]
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 class Engine:

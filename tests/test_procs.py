@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import wait_for
 
 from sparkops import procs
 from sparkops.procs import Proc, RunIdentity
@@ -28,14 +29,6 @@ def running(pid: int) -> bool:
         return False
 
 
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

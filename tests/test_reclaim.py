@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import NOW, ROOT, make_settings, run_cli
+from conftest import NOW, ROOT, make_settings, run_cli, wait_for
 from sqlalchemy import select, update
 
 from sparkops import board, procs, queries, reclaim
@@ -80,14 +80,6 @@ AGENT = textwrap.dedent('''
 CRASH_REASON = "fatal: cannot load the model weights (errno 42)"
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 def running(pid: int) -> bool:

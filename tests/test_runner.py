@@ -16,7 +16,7 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, update
 
-from conftest import NOW, ROOT, make_settings, run_cli
+from conftest import NOW, ROOT, make_settings, run_cli, wait_for
 from sparkops import board, queries
 from sparkops.jobs import JobContext, JobReport, JobSpec, promote
 from sparkops.runner import AlreadyRunning, Runner, RunnerLock, lock_path
@@ -177,16 +177,6 @@ def runner_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the process exited with {proc.returncode} while waiting for {what}")
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture
@@ -198,7 +188,7 @@ def started_runner(tmp_path):
                                 env=runner_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: log_file.exists() and "jobs runner started" in log_file.read_text(),
-                 30, "the runner's start-up line in its log", proc)
+                 "the runner's start-up line in its log", proc=proc)
         yield proc, log_file
     finally:
         if proc.poll() is None:
@@ -215,8 +205,8 @@ def test_runner_process_promotes_refuses_a_second_runner_and_stops_on_sigterm(st
         parent = board.create_task(store.board, "parent")
         child = board.create_task(store.board, "child", parents=[parent])
         finish_behind_our_back(tmp_path / "data" / "kanban.db", parent, at=int(time.time()))
-        wait_for(lambda: queries.get_task(store.board, child)["status"] == "ready", 15,
-                 "the runner to promote the child", proc)
+        wait_for(lambda: queries.get_task(store.board, child)["status"] == "ready",
+                 "the runner to promote the child", proc=proc)
     finally:
         store.dispose()
     assert "job promote: promoted 1 task(s): " + child in log_file.read_text()
@@ -274,8 +264,8 @@ def test_runner_process_runs_cli_tasks_to_done_with_the_demo_agent(tmp_path):
                                 stdout=out, stderr=subprocess.STDOUT)
     store = open_store(make_settings(tmp_path))
     try:
-        wait_for(lambda: all(queries.get_task(store.board, t)["status"] == "done" for t in ids), 90,
-                 "every task to be done", proc)
+        wait_for(lambda: all(queries.get_task(store.board, t)["status"] == "done" for t in ids),
+                 "every task to be done", timeout=90, proc=proc)
         for task_id in ids:
             runs = queries.list_runs(store.board, task_id=task_id)
             assert [(r["outcome"], r["status"]) for r in runs] == [("completed", "done")]
@@ -304,11 +294,11 @@ def test_stopping_the_runner_leaves_running_workers_alone(tmp_path):
         def agent_pid():
             runs = queries.list_runs(store.board, task_id=task)
             return runs and (runs[0]["metadata"] or {}).get("process", {}).get("agent", {}) or None
-        agent = wait_for(agent_pid, 30, "the agent to start", proc)
+        agent = wait_for(agent_pid, "the agent to start", proc=proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert psutil.pid_exists(agent["pid"])  # the worker was not touched
-        wait_for(lambda: queries.get_task(store.board, task)["status"] == "done", 30,
+        wait_for(lambda: queries.get_task(store.board, task)["status"] == "done",
                  "the orphaned worker to finish and report")
         [run] = queries.list_runs(store.board, task_id=task)
         assert run["outcome"] == "completed"

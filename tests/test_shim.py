@@ -17,13 +17,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, gone, wait_for
 from sqlalchemy import select, update
 
 from sparkops import board, procs, queries
@@ -63,24 +63,8 @@ COMPLETES = py(REPORT, 'print("working on", os.environ["SPARKOPS_TASK_ID"], flus
 SLEEPS = py("import time", 'print("sleeping", flush=True)', "time.sleep(60)")
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
-def gone(pid: int) -> bool:
-    """The process no longer runs (it is gone, or a zombie nobody reaped yet)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 class Bench:
