@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from sqlalchemy.exc import DBAPIError
 
 from sparkops import __version__, board, queries
-from sparkops.config import SETTINGS, Settings, load_settings, mask_url
+from sparkops.config import SETTINGS, Settings, load_secrets, load_settings, mask_url
 from sparkops.errors import InvalidInput, SparkOpsError, StorageError
 from sparkops.store import Store, open_store
 
@@ -312,7 +312,7 @@ def cmd_job_list(args, store: Store) -> int:
 def _run_job(args, store: Store, name: str, **options) -> int:
     from sparkops.jobs import JobContext, run_job
 
-    ctx = JobContext.create(args.settings, store)
+    ctx = JobContext.create(args.settings, store, secrets=load_secrets())
     result = run_job(ctx, name, trigger="cli", **options)
     payload = {"job": result.job, "outcome": result.outcome, "summary": result.summary,
                "error": result.error, "duration_seconds": round(result.duration_seconds, 3),

@@ -45,6 +45,9 @@ RESERVED_ENV = frozenset(
         "SPARKOPS_CONFIG",
         "SPARKOPS_UI_PASSWORD",
         "SPARKOPS_TELEGRAM_TOKEN",
+        "SPARKOPS_TELEGRAM_CHAT_ID",
+        "SPARKOPS_VLLM_API_KEY",
+        "SPARKOPS_SERVICES",
         "SPARKOPS_TASK_ID",
         "SPARKOPS_RUN_ID",
         "SPARKOPS_WORKSPACE",
@@ -54,7 +57,8 @@ RESERVED_ENV = frozenset(
 )
 
 #: Keys that look like secrets and must never sit in a (committed) config file.
-SECRET_KEYS = frozenset({"ui_password", "password", "telegram_token", "token", "api_key"})
+SECRET_KEYS = frozenset({"ui_password", "password", "telegram_token", "token", "api_key",
+                         "telegram_chat_id", "chat_id", "vllm_api_key"})
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class Setting:
     """One setting: ``key`` is ``section.name``; ``kind`` drives parsing."""
 
     key: str
-    kind: str  # "str" | "int" | "float" | "bool" | "path" | "url" | "list"
+    kind: str  # "str" | "int" | "float" | "bool" | "path" | "url" | "list" | "paths" | "weburl"
     default: Any
     help: str
     minimum: float | None = None
@@ -93,6 +97,8 @@ class Setting:
             "bool": "true or false",
             "path": "a file system path",
             "list": "a list of strings (in the environment: a JSON array)",
+            "paths": "a list of paths (in the environment: a JSON array)",
+            "weburl": "an http:// or https:// URL",
             "url": "a database URL (sqlite:///PATH or postgresql://...)",
         }[self.kind]
         if self.minimum is not None and self.maximum is not None:
@@ -231,6 +237,102 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting(
+        "watchdog.interval_seconds", "float", 300.0,
+        "How often the watchdog checks the services, the GPU, the disk and stale runs "
+        "(the seed's watchdog ran every 5 minutes).",
+        minimum=1,
+    ),
+    Setting(
+        "gpu.sample_interval_seconds", "float", 30.0,
+        "How often the gpu-sample job stores a GPU sample for the GPU page's history.",
+        minimum=1,
+    ),
+    Setting(
+        "gpu.sample_retention_days", "float", 7.0,
+        "GPU samples older than this are deleted.",
+        minimum=0.01,
+    ),
+    Setting(
+        "gpu.zombie_threshold_gb", "float", 100.0,
+        "A GPU process holding more memory than this that is not the live, healthy "
+        "model server is a zombie.",
+        minimum=0.001,
+    ),
+    Setting(
+        "gpu.serving_patterns", "list", ["vllm.entrypoints", "vllm serve"],
+        "Regular expressions for the model server's command line (its process tree is "
+        "the serving tree).",
+    ),
+    Setting(
+        "gpu.kill_patterns", "list", ["vllm"],
+        "Only GPU processes whose command line matches one of these regular expressions "
+        "are ever signalled. The UI, the runner, agents and anything else are never touched.",
+    ),
+    Setting(
+        "gpu.health_failures_before_kill", "int", 3,
+        "Serving processes holding GPU memory are zombies once the model server's health "
+        "check has failed this many times in a row.",
+        minimum=1,
+    ),
+    Setting(
+        "gpu.kill_grace_seconds", "float", 10.0,
+        "Between SIGTERM and SIGKILL for a GPU zombie.",
+        minimum=0,
+    ),
+    Setting(
+        "gpu.memory_release_timeout_seconds", "float", 60.0,
+        "How long to wait for a killed zombie's GPU memory to be released before "
+        "restarting the model server anyway.",
+        minimum=0,
+    ),
+    Setting(
+        "disk.paths", "paths", ["data"],
+        "Paths whose file systems are watched.",
+    ),
+    Setting(
+        "disk.threshold_percent", "float", 85.0,
+        "Above this usage the watchdog cleans up old logs and finished workspaces.",
+        minimum=1, maximum=100,
+    ),
+    Setting(
+        "disk.log_roots", "paths", ["data/logs"],
+        "Directories whose old log files may be deleted. Nothing outside them is.",
+    ),
+    Setting(
+        "disk.log_retention_days", "float", 7.0,
+        "Log files older than this may be deleted when the disk is above the threshold.",
+        minimum=0,
+    ),
+    Setting(
+        "disk.workspace_retention_days", "float", 3.0,
+        "Workspaces (under dispatch.workspace_root) of tasks done or archived longer ago "
+        "than this may be deleted when the disk is above the threshold; never a running "
+        "task's.",
+        minimum=0,
+    ),
+    Setting(
+        "alerts.cooldown_minutes", "float", 30.0,
+        "A repeat alert about the same thing inside this many minutes is suppressed (and "
+        "recorded as such); the cooldown survives restarts.",
+        minimum=0,
+    ),
+    Setting(
+        "alerts.webhook_url", "weburl", "",
+        "A URL that gets every alert as a JSON POST. Empty: no webhook.",
+        optional=True,
+    ),
+    Setting(
+        "alerts.telegram_api_url", "weburl", "https://api.telegram.org",
+        "The Telegram Bot API. Used only when SPARKOPS_TELEGRAM_TOKEN and "
+        "SPARKOPS_TELEGRAM_CHAT_ID are set.",
+    ),
+    Setting(
+        "alerts.timeout_seconds", "float", 5.0,
+        "The longest an alert channel may take; a channel that fails or hangs never "
+        "stops the watchdog.",
+        minimum=0.1, maximum=120,
+    ),
+    Setting(
         "runner.promote_interval_seconds", "float", 5.0,
         "How often the jobs runner promotes todo tasks whose parents are done "
         "(a safety net for boards also worked by Hermes).",
@@ -277,6 +379,7 @@ class Settings:
     values: Mapping[str, Any]
     source: Path | None = None  # the config file that was read, if any
     base_dir: Path = field(default_factory=Path.cwd)
+    services: tuple["ServiceSpec", ...] = ()
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -324,13 +427,15 @@ def load_settings(
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         values[setting.key] = _resolve(setting, setting.default, base_dir, "default")
+    file_services = file_values.pop("services", {})
     for key, value in file_values.items():
         values[key] = _resolve(SETTINGS_BY_KEY[key], value, base_dir, where)
     for key, value in _env_values(env).items():
         setting = SETTINGS_BY_KEY[key]
         values[key] = _resolve(setting, _parse_env(setting, value), base_dir,
                                f"in environment variable {setting.env_name}")
-    return Settings(values=values, source=source, base_dir=base_dir)
+    services = load_services(values, file_services, where, env.get("SPARKOPS_SERVICES"), base_dir)
+    return Settings(values=values, source=source, base_dir=base_dir, services=services)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -344,6 +449,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
     flat: dict[str, Any] = {}
     for section, table in data.items():
+        if section == "services":
+            flat["services"] = table
+            continue
         if section.lower() in SECRET_KEYS:
             raise _secret_error(section, path)
         if isinstance(table, dict) and any(k.lower() in SECRET_KEYS for k in table):
@@ -411,7 +519,7 @@ def _parse_env(setting: Setting, text: str) -> Any:
             f"{setting.key} must be {setting.allowed()}, got {text!r} "
             f"(in environment variable {setting.env_name})"
         ) from None
-    if kind == "list":
+    if kind in ("list", "paths"):
         try:
             value = json.loads(text)
         except ValueError:
@@ -459,9 +567,11 @@ def _resolve(setting: Setting, value: Any, base_dir: Path, where: str) -> Any:
         if setting.maximum is not None and value > setting.maximum:
             raise bad()
         return float(value) if kind == "float" else value
-    if kind == "list":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if kind in ("list", "paths"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise bad()
+        if kind == "paths":
+            return [p if p.is_absolute() else base_dir / p for p in map(lambda v: Path(v).expanduser(), value)]
         return list(value)
     if setting.optional and value == "":
         return value
@@ -474,6 +584,17 @@ def _resolve(setting: Setting, value: Any, base_dir: Path, where: str) -> Any:
         return path if path.is_absolute() else (base_dir / path)
     if kind == "url":
         return _resolve_url(setting, value.strip(), base_dir, where)
+    if kind == "weburl":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError:
+            raise bad() from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise bad()
+        return value.strip()
     return value
 
 
@@ -511,15 +632,173 @@ def _mask_url(url: str) -> str:
 mask_url = _mask_url
 
 
+# -- services ----------------------------------------------------------------------------
+#
+# The services the watchdog checks are tables, one per service:
+#
+#     [services.vllm]
+#     check = "vllm"
+#     url = "http://127.0.0.1:8000"
+#     restart_argv = ["/home/me/start-vllm.sh"]
+#
+# Each field is declared once in SERVICE_FIELDS. The defaults describe the seed's
+# stack (DEFAULT_SERVICES) with no restart commands; a table in sparkops.toml (or
+# the JSON object in SPARKOPS_SERVICES) changes fields of a default service or adds
+# a new one, and ``enabled = false`` turns one off.
+
+SERVICE_CHECKS = ("http", "tcp", "redis", "process", "vllm")
+
+SERVICE_FIELDS: tuple[Setting, ...] = (
+    Setting("services.check", "str", "http",
+            "http: GET url, expect expect_status; vllm: /health, the /metrics hang check and "
+            "/v1/models at url; tcp: connect to host:port; redis: PING host:port; process: a "
+            "running process whose command line matches pattern.", choices=SERVICE_CHECKS),
+    Setting("services.url", "str", "", "Base URL for http and vllm checks.", optional=True),
+    Setting("services.expect_status", "int", 200, "The HTTP status an http check expects.",
+            minimum=100, maximum=599),
+    Setting("services.host", "str", "127.0.0.1", "Host of a tcp or redis check."),
+    Setting("services.port", "int", 0, "Port of a tcp or redis check.", minimum=0, maximum=65535),
+    Setting("services.pattern", "str", "", "Regular expression for a process check.", optional=True),
+    Setting("services.timeout_seconds", "float", 3.0, "How long one check may take.",
+            minimum=0.1, maximum=60),
+    Setting("services.restart_argv", "list", [],
+            "The command that restarts the service, as an argv list (never a shell string). "
+            "Empty: the watchdog only alerts.", ),
+    Setting("services.start_grace_seconds", "float", 60.0,
+            "After a restart, failed checks are not counted for this long.", minimum=0),
+    Setting("services.failures_before_restart", "int", 2,
+            "Consecutive failed checks before a restart (and the alert).", minimum=1),
+    Setting("services.restart_limit", "int", 3,
+            "At most this many restarts within restart_window_minutes; then the watchdog "
+            "stops restarting the service and alerts once.", minimum=1),
+    Setting("services.restart_window_minutes", "float", 30.0,
+            "The window of restart_limit.", minimum=1),
+    Setting("services.enabled", "bool", True, "false: the watchdog ignores this service."),
+)
+SERVICE_FIELDS_BY_NAME: dict[str, Setting] = {f.name: f for f in SERVICE_FIELDS}
+
+#: The seed's stack. ``ui`` follows ui.port when it is not configured.
+DEFAULT_SERVICES: dict[str, dict[str, Any]] = {
+    "vllm": {"check": "vllm", "url": "http://127.0.0.1:8000"},
+    "gateway": {"check": "tcp", "host": "127.0.0.1", "port": 4860},
+    "redis": {"check": "redis", "host": "127.0.0.1", "port": 6379},
+    "ui": {"check": "http", "url": "http://127.0.0.1:{ui_port}/_stcore/health"},
+    "tunnel": {"check": "process", "pattern": r"ssh .*-R"},
+}
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One service the watchdog checks (see SERVICE_FIELDS)."""
+
+    name: str
+    check: str
+    url: str
+    expect_status: int
+    host: str
+    port: int
+    pattern: str
+    timeout_seconds: float
+    restart_argv: tuple[str, ...]
+    start_grace_seconds: float
+    failures_before_restart: int
+    restart_limit: int
+    restart_window_minutes: float
+    enabled: bool
+
+
+def load_services(values: Mapping[str, Any], from_file: Any, where: str, from_env: str | None,
+                  base_dir: Path) -> tuple[ServiceSpec, ...]:
+    """Merge the default services with the file's and the environment's, and check
+    every field. Raises ConfigError naming services.NAME.FIELD."""
+    merged: dict[str, dict[str, Any]] = {}
+    for name, fields in DEFAULT_SERVICES.items():
+        merged[name] = {k: (v.format(ui_port=values["ui.port"]) if isinstance(v, str) else v)
+                        for k, v in fields.items()}
+    sources: dict[str, str] = {name: "default" for name in merged}
+    layers: list[tuple[Any, str]] = [(from_file, where)]
+    if from_env:
+        try:
+            layers.append((json.loads(from_env), "in environment variable SPARKOPS_SERVICES"))
+        except ValueError:
+            raise ConfigError("SPARKOPS_SERVICES must be a JSON object of services, e.g. "
+                              '\'{"vllm": {"url": "http://127.0.0.1:8000"}}\'') from None
+    for layer, origin in layers:
+        if not isinstance(layer, dict):
+            raise ConfigError(f"services must be tables, one per service ([services.NAME]) ({origin})")
+        for name, fields in layer.items():
+            if not isinstance(fields, dict):
+                raise ConfigError(f"services.{name} must be a table ([services.{name}]) ({origin})")
+            for field_name in fields:
+                if field_name.lower() in SECRET_KEYS:
+                    raise ConfigError(f"services.{name}.{field_name} looks like a secret; secrets "
+                                      "never go in sparkops.toml ({origin})".replace("{origin}", origin))
+                if field_name not in SERVICE_FIELDS_BY_NAME:
+                    raise ConfigError(
+                        f"unknown field services.{name}.{field_name} ({origin}); fields: "
+                        + ", ".join(f.name for f in SERVICE_FIELDS))
+            merged.setdefault(name, {}).update(fields)
+            sources[name] = origin
+    return tuple(_service(name, fields, sources[name], base_dir) for name, fields in merged.items())
+
+
+def _service(name: str, fields: dict[str, Any], where: str, base_dir: Path) -> ServiceSpec:
+    import re
+    import shutil
+    from urllib.parse import urlsplit
+
+    values: dict[str, Any] = {}
+    for spec in SERVICE_FIELDS:
+        named = Setting(f"services.{name}.{spec.name}", spec.kind, spec.default, spec.help,
+                        spec.minimum, spec.maximum, spec.choices, spec.optional)
+        values[spec.name] = _resolve(named, fields.get(spec.name, spec.default), base_dir, where)
+
+    def bad(field_name: str, why: str) -> ConfigError:
+        return ConfigError(f"services.{name}.{field_name} {why} ({where})")
+
+    check = values["check"]
+    if values["enabled"]:
+        if check in ("http", "vllm"):
+            parts = urlsplit(values["url"])
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise bad("url", f"must be an http:// or https:// URL with a host, got {values['url']!r}")
+            try:
+                parts.port  # noqa: B018 - raises ValueError for a malformed port
+            except ValueError:
+                raise bad("url", f"has a malformed port: {values['url']!r}") from None
+        if check in ("tcp", "redis") and not 1 <= values["port"] <= 65535:
+            raise bad("port", f"must be a port from 1 to 65535 for a {check} check, got {values['port']}")
+        if check == "process":
+            if not values["pattern"]:
+                raise bad("pattern", "must be a regular expression for a process check")
+            try:
+                re.compile(values["pattern"])
+            except re.error as exc:
+                raise bad("pattern", f"is not a valid regular expression: {exc}") from None
+        argv = values["restart_argv"]
+        if argv:
+            program = argv[0]
+            found = (Path(program).is_file() and os.access(program, os.X_OK)) if "/" in program \
+                else shutil.which(program) is not None
+            if not found:
+                raise bad("restart_argv", f"runs {program!r}, which does not exist or is not "
+                                          "executable; give the full path of the restart command")
+    values["restart_argv"] = tuple(values["restart_argv"])
+    return ServiceSpec(name=name, **values)
+
+
 @dataclass(frozen=True)
 class Secrets:
     """Secrets from the environment, else ``.streamlit/secrets.toml``. Never logged."""
 
     ui_password: str | None = None
     telegram_token: str | None = None
+    telegram_chat_id: str | None = None
+    vllm_api_key: str | None = None
 
     def __repr__(self) -> str:  # never print the values
-        state = {k: "set" if getattr(self, k) else "unset" for k in ("ui_password", "telegram_token")}
+        state = {k: "set" if getattr(self, k) else "unset"
+                 for k in ("ui_password", "telegram_token", "telegram_chat_id", "vllm_api_key")}
         return "Secrets(" + ", ".join(f"{k}={v}" for k, v in state.items()) + ")"
 
 
@@ -549,4 +828,6 @@ def load_secrets(
     return Secrets(
         ui_password=pick("SPARKOPS_UI_PASSWORD", "ui_password"),
         telegram_token=pick("SPARKOPS_TELEGRAM_TOKEN", "telegram_token"),
+        telegram_chat_id=pick("SPARKOPS_TELEGRAM_CHAT_ID", "telegram_chat_id"),
+        vllm_api_key=pick("SPARKOPS_VLLM_API_KEY", "vllm_api_key"),
     )

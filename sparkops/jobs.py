@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sqlalchemy import insert
 
 from sparkops.clock import epoch
-from sparkops.config import Settings
+from sparkops.config import Secrets, Settings
 from sparkops.errors import NotFound, Refused
 from sparkops.procs import host_name
 from sparkops.schema import ops_job_runs
@@ -44,19 +44,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class JobContext:
-    """What every job gets: settings, the store, this host's name, and (in the
-    runner only) the tracker of worker shims it started."""
+    """What every job gets: settings, secrets, the store, this host's name, and (in
+    the runner only) the tracker of worker shims it started."""
 
     settings: Settings
     store: Store
     host: str
     shims: "ShimTracker | None" = None
+    #: secrets, loaded by the entry point (jobs never read the environment)
+    secrets: Secrets = field(default_factory=Secrets)
     #: what a job saw last time, for jobs that can skip work when nothing changed
     memo: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, settings: Settings, store: Store, shims: "ShimTracker | None" = None) -> "JobContext":
-        return cls(settings=settings, store=store, host=host_name(settings["host.name"]), shims=shims)
+    def create(cls, settings: Settings, store: Store, shims: "ShimTracker | None" = None,
+               secrets: Secrets | None = None) -> "JobContext":
+        return cls(settings=settings, store=store, host=host_name(settings["host.name"]), shims=shims,
+                   secrets=secrets or Secrets())
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from sqlalchemy import insert, update
 
 from sparkops import __version__, procs
 from sparkops.clock import epoch
-from sparkops.config import Settings
+from sparkops.config import Settings, load_secrets
 from sparkops.dispatch import ShimTracker
 from sparkops.errors import Refused
 from sparkops.jobs import JobBusy, JobContext, JobLock, JobRun, JobSpec, lock_dir, registry, run_job
@@ -167,8 +167,8 @@ def install_stop_handlers(stop: threading.Event,
 
 
 def new_context(settings: Settings, store) -> JobContext:
-    """The runner's job context: it tracks the shims it starts."""
-    return JobContext.create(settings, store, shims=ShimTracker())
+    """The runner's job context: it tracks the shims it starts; secrets for alerts."""
+    return JobContext.create(settings, store, shims=ShimTracker(), secrets=load_secrets())
 
 
 # -- one runner per host -----------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Callable
 from sqlalchemy import (
     BigInteger,
     Column,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -233,6 +234,67 @@ ops_hosts = Table(
     Column("info", Text),  # JSON: jobs and their intervals, dispatch mode
 )
 
+ops_services = Table(
+    "ops_services",
+    ops_metadata,
+    Column("host", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("status", Text, nullable=False),  # up | down | restarting | gave_up | unknown
+    Column("since", Epoch, nullable=False),  # when the status last changed
+    Column("checked_at", Epoch),
+    Column("consecutive_failures", Integer, nullable=False, server_default=text("0")),
+    Column("restarts", Text),  # JSON list of restart times (epoch seconds) inside the window
+    Column("last_restart_at", Epoch),
+    Column("gave_up_at", Epoch),
+    Column("detail", Text),  # last check's message
+    Column("state", Text),  # JSON: check-specific memory (vLLM token counter, health failures)
+    PrimaryKeyConstraint("host", "name"),
+)
+
+ops_alerts = Table(
+    "ops_alerts",
+    ops_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Epoch, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("key", Text, nullable=False),  # what the alert is about, e.g. "service:vllm"
+    Column("level", Text, nullable=False),  # error | warning | recovery | info
+    Column("title", Text, nullable=False),
+    Column("message", Text),
+    Column("outcome", Text, nullable=False),  # sent | suppressed | failed | logged
+    Column("channels", Text),  # JSON: channel -> "sent" | "failed: ..." | "off"
+    Index("idx_ops_alerts_key", "key", "created_at"),
+    Index("idx_ops_alerts_created", "created_at"),
+    sqlite_autoincrement=True,
+)
+
+ops_alert_state = Table(
+    "ops_alert_state",
+    ops_metadata,
+    Column("key", Text, primary_key=True),
+    Column("last_sent_at", Epoch),  # start of the cooldown
+    Column("active", Integer, nullable=False, server_default=text("0")),  # 1 while the problem lasts
+)
+
+ops_gpu_samples = Table(
+    "ops_gpu_samples",
+    ops_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Epoch, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("device", Integer, nullable=False),
+    Column("name", Text),
+    Column("utilization_pct", Float),
+    Column("memory_used_mb", Float),
+    Column("memory_total_mb", Float),
+    Column("temperature_c", Float),
+    Column("power_w", Float),
+    Column("unified", Integer, nullable=False, server_default=text("0")),
+    Column("processes", Integer),
+    Index("idx_ops_gpu_samples_time", "created_at"),
+    sqlite_autoincrement=True,
+)
+
 
 # -- migrations ------------------------------------------------------------------
 
@@ -255,7 +317,8 @@ def _ops_v1(conn: Connection) -> None:
 
 
 def _ops_v2(conn: Connection) -> None:
-    """Job runs and the hosts whose runners heartbeat."""
+    """Create the ops tables that are missing (v2: job runs and hosts; v3: the
+    watchdog's services, alerts, cooldowns and GPU samples)."""
     _create_missing(conn, ops_metadata)
 
 
@@ -265,6 +328,7 @@ BOARD_MIGRATIONS: tuple[Migration, ...] = (
 OPS_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ops_schema_version", _ops_v1),
     Migration(2, "ops_job_runs, ops_hosts", _ops_v2),
+    Migration(3, "ops_services, ops_alerts, ops_alert_state, ops_gpu_samples", _ops_v2),
 )
 
 BOARD_SCHEMA_VERSION = BOARD_MIGRATIONS[-1].version

@@ -38,8 +38,9 @@ def test_missing_default_file_means_all_defaults(tmp_path):
     assert settings["storage.ops_url"] == f"sqlite:///{tmp_path}/data/sparkops.db"
     assert settings["runner.log_file"] == tmp_path / "data" / "logs" / "jobs_runner.log"
     for setting in SETTINGS:
-        if setting.kind not in ("url", "path"):
+        if setting.kind not in ("url", "path", "paths"):
             assert settings[setting.key] == setting.default, setting.key
+    assert settings["disk.paths"] == [tmp_path / "data"]  # relative paths resolve too
     assert not (tmp_path / "data").exists()
 
 
@@ -263,7 +264,7 @@ def test_unknown_variable_of_a_section_is_refused(tmp_path, name):
 
 
 def test_reserved_and_unrelated_variables_are_ignored(tmp_path):
-    env = {name: "garbage" for name in RESERVED_ENV if name != "SPARKOPS_CONFIG"}
+    env = {name: "garbage" for name in RESERVED_ENV if name not in ("SPARKOPS_CONFIG", "SPARKOPS_SERVICES")}
     env.update({"SPARKOPS_CONFIG": "", "SPARKOPS_WHATEVER": "x", "SPARKOPS_LOG_LEVEL": "DEBUG",
                 "SPARKOPS_TEST_PG": "postgresql://x", "sparkops_storage_foo": "1",
                 "OTHER_STORAGE_FOO": "1"})
@@ -383,7 +384,8 @@ def test_secrets_from_the_environment(tmp_path):
 def test_no_secrets_anywhere(tmp_path):
     secrets = load_secrets(env={}, secrets_file=tmp_path / "missing.toml")
     assert secrets.ui_password is None and secrets.telegram_token is None
-    assert repr(secrets) == "Secrets(ui_password=unset, telegram_token=unset)"
+    assert repr(secrets) == ("Secrets(ui_password=unset, telegram_token=unset, "
+                             "telegram_chat_id=unset, vllm_api_key=unset)")
 
 
 def test_secrets_from_top_level_of_streamlit_secrets(tmp_path):
@@ -432,7 +434,8 @@ def test_repr_of_secrets_never_shows_the_values():
     secrets = Secrets(ui_password="hunter2", telegram_token="123:ABC")
     for shown in (repr(secrets), str(secrets), f"{secrets}", repr([secrets])):
         assert "hunter2" not in shown and "123:ABC" not in shown
-    assert repr(secrets) == "Secrets(ui_password=set, telegram_token=set)"
+    assert repr(secrets) == ("Secrets(ui_password=set, telegram_token=set, "
+                             "telegram_chat_id=unset, vllm_api_key=unset)")
 
 
 # -- through the real command line ---------------------------------------------------
