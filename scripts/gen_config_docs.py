@@ -27,6 +27,8 @@ from sparkops.config import (  # noqa: E402
     RESERVED_ENV,
     SECRET_KEYS,
     SECTIONS,
+    DEFAULT_SERVICES,
+    SERVICE_FIELDS,
     SETTINGS,
     Setting,
 )
@@ -39,6 +41,10 @@ SECTION_TITLES = {
     "host": "This machine's identity in claims and runs.",
     "dispatch": "How tasks are handed to workers: capacity, the agent command, retries.",
     "reclaim": "Finding runs whose worker is gone, hung or over its time, and closing them.",
+    "watchdog": "The watchdog job: services (see Services below), vLLM, GPU zombies, stale runs.",
+    "gpu": "The GPU adapter (NVML), its samples, and the zombie rule.",
+    "disk": "Disk usage and the cleanup of old logs and finished workspaces.",
+    "alerts": "Where alerts go (the log always; Telegram and a webhook when set) and their cooldown.",
     "runner": "The jobs runner (`python -m sparkops up`).",
     "ui": "The Streamlit app.",
 }
@@ -164,6 +170,37 @@ def _sections() -> str:
     return "".join(parts)
 
 
+SERVICE_HEADER = (
+    "| Field | Type | Default | Allowed | Help |\n"
+    "|-------|------|---------|---------|------|\n"
+)
+
+
+def _services() -> str:
+    """The ``[services.NAME]`` tables: their fields and the default services."""
+    rows = "".join(
+        "| " + " | ".join([f"`{f.name}`", f.kind, f"`{toml_value(f.default)}`", _cell(f.allowed()),
+                           _cell(f.help)]) + " |\n"
+        for f in SERVICE_FIELDS)
+    defaults = "".join(
+        f"| `{name}` | " + ", ".join(f"`{k} = {toml_value(v)}`" for k, v in fields.items()) + " |\n"
+        for name, fields in DEFAULT_SERVICES.items())
+    return (
+        "\n## Services\n\n"
+        "The watchdog checks each service declared as a table `[services.NAME]` (or in the "
+        "JSON object `SPARKOPS_SERVICES`). A table with the name of a default service "
+        "changes only the fields it sets; `enabled = false` turns a service off; a new "
+        "name adds a service. Every field is checked at start-up: an unknown check, a "
+        "malformed URL or a restart command that does not exist stops the program with one "
+        "line naming `services.NAME.FIELD`.\n\n"
+        + SERVICE_HEADER + rows
+        + "\nThe defaults describe the seed's stack, with no restart commands "
+        "(`{ui_port}` is `ui.port`):\n\n| Service | Fields |\n|---|---|\n" + defaults
+        + "\n```toml\n[services.vllm]\nrestart_argv = [\"/home/spark/start-vllm-optimized.sh\"]\n\n"
+        "[services.tunnel]\nenabled = false\n```\n"
+    )
+
+
 def example_toml() -> str:
     """A complete ``sparkops.toml`` with every setting at its default."""
     lines = [
@@ -185,6 +222,7 @@ def render() -> str:
     return (
         _intro()
         + _sections()
+        + _services()
         + "\n## Example `sparkops.toml`\n\n"
         + "```toml\n"
         + example_toml()

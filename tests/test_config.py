@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from sparkops.config import (
     RESERVED_ENV,
     SETTINGS,
@@ -551,3 +554,64 @@ def test_list_setting_from_environment_must_be_a_json_array(tmp_path):
 def test_optional_string_may_be_empty(tmp_path):
     assert load_settings(cwd=tmp_path, env={"SPARKOPS_HOST_NAME": ""})["host.name"] == ""
     assert load_settings(cwd=tmp_path, env={"SPARKOPS_HOST_NAME": "gb10-a"})["host.name"] == "gb10-a"
+
+
+# -- services ---------------------------------------------------------------------------
+
+
+def test_default_services_describe_the_seeds_stack(tmp_path):
+    services = {s.name: s for s in load_settings(env={"SPARKOPS_UI_PORT": "8600"}, cwd=tmp_path).services}
+    assert set(services) == {"vllm", "gateway", "redis", "ui", "tunnel"}
+    assert services["vllm"].check == "vllm" and services["vllm"].url == "http://127.0.0.1:8000"
+    assert services["ui"].url == "http://127.0.0.1:8600/_stcore/health"  # follows ui.port
+    assert all(s.restart_argv == () for s in services.values())  # nothing restarts until configured
+
+
+def test_services_from_the_file_change_defaults_and_add_new_ones(tmp_path, write_config):
+    write_config(text_='[services.vllm]\nurl = "http://127.0.0.1:8001"\nrestart_argv = ["true"]\n\n'
+                       '[services.tunnel]\nenabled = false\n\n'
+                       '[services.kanban]\ncheck = "tcp"\nport = 3000\n')
+    services = {s.name: s for s in load_settings(env={}, cwd=tmp_path).services}
+    assert services["vllm"].url == "http://127.0.0.1:8001" and services["vllm"].check == "vllm"
+    assert services["vllm"].restart_argv == ("true",)
+    assert services["tunnel"].enabled is False
+    assert services["kanban"].port == 3000
+
+
+@pytest.mark.parametrize("service, fragment", [
+    ('check = "ftp"', "services.x.check must be one of 'http', 'tcp', 'redis', 'process', 'vllm'"),
+    ('check = "http"\nurl = "localhost:8000/health"', "services.x.url must be an http:// or https:// URL"),
+    ('check = "http"\nurl = "http://127.0.0.1:80a0/"', "services.x.url has a malformed port"),
+    ('check = "tcp"', "services.x.port must be a port from 1 to 65535"),
+    ('check = "process"\npattern = "ssh ("', "services.x.pattern is not a valid regular expression"),
+    ('check = "tcp"\nport = 1\nrestart_argv = ["/opt/nowhere/start.sh"]',
+     "services.x.restart_argv runs '/opt/nowhere/start.sh', which does not exist"),
+    ('check = "tcp"\nport = 1\nrestart_argv = ["no-such-program-anywhere"]', "does not exist"),
+    ('check = "tcp"\nport = 1\nrestart_limit = 0', "services.x.restart_limit must be an integer >= 1"),
+    ('check = "tcp"\nport = 1\ncolour = "blue"', "unknown field services.x.colour"),
+])
+def test_bad_services_are_refused_at_start_up(tmp_path, write_config, service, fragment):
+    path = write_config(text_=f"[services.x]\n{service}\n")
+    message = config_error(env={}, cwd=tmp_path)
+    assert fragment in message and str(path) in message
+
+
+@pytest.mark.parametrize("name, value, fragment", [
+    ("SPARKOPS_DISK_THRESHOLD_PERCENT", "120", "disk.threshold_percent must be a number from 1 to 100"),
+    ("SPARKOPS_GPU_ZOMBIE_THRESHOLD_GB", "0", "gpu.zombie_threshold_gb must be a number >= 0.001"),
+    ("SPARKOPS_ALERTS_WEBHOOK_URL", "hooks.example/x", "alerts.webhook_url must be an http:// or https:// URL"),
+    ("SPARKOPS_SERVICES", "[1, 2]", "services must be tables"),
+    ("SPARKOPS_SERVICES", "{not json", "SPARKOPS_SERVICES must be a JSON object"),
+])
+def test_watchdog_settings_out_of_range_name_the_setting(tmp_path, name, value, fragment):
+    assert fragment in config_error(env={name: value}, cwd=tmp_path)
+
+
+def test_a_bad_service_stops_the_runner_before_anything_is_created(tmp_path, write_config):
+    write_config(text_='[services.vllm]\nrestart_argv = ["/opt/nowhere/start-vllm.sh"]\n')
+    result = subprocess.run([sys.executable, str(ROOT / "jobs_runner.py")], cwd=tmp_path,
+                            env={**{k: v for k, v in os.environ.items() if not k.startswith("SPARKOPS_")},
+                                 "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "services.vllm.restart_argv" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "data").exists()

@@ -59,13 +59,14 @@ def test_no_documented_key_that_is_not_a_setting(doc_text):
 
 def test_documented_env_names_exist(doc_text):
     env_names = {s.env_name for s in SETTINGS}
-    mentioned = set(re.findall(r"`(SPARKOPS_(?:STORAGE|DISPATCH|RUNNER|UI)_[A-Z_]+)`", doc_text))
+    mentioned = set(re.findall(r"`(SPARKOPS_(?:STORAGE|DISPATCH|RECLAIM|RUNNER|UI|WATCHDOG|GPU|DISK|ALERTS)_[A-Z_]+)`",
+                               doc_text))
     mentioned -= {"SPARKOPS_UI_PASSWORD", "SPARKOPS_STORAGE_", "SPARKOPS_UI_"}
     assert mentioned - env_names == set()
 
 
 def test_example_toml_is_valid_and_holds_the_defaults(doc_text, tmp_path):
-    example = re.search(r"```toml\n(.*?)```", doc_text, re.DOTALL).group(1)
+    example = re.search(r"## Example `sparkops.toml`\n\n```toml\n(.*?)```", doc_text, re.DOTALL).group(1)
     data = tomllib.loads(example)
     flat = {f"{section}.{name}": value for section, table in data.items()
             for name, value in table.items()}
