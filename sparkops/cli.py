@@ -335,6 +335,71 @@ def cmd_reclaim(args, store: Store) -> int:
     return _run_job(args, store, "reclaim", dry_run=args.dry_run)
 
 
+def cmd_watchdog(args, store: Store) -> int:
+    return _run_job(args, store, "watchdog", dry_run=args.dry_run)
+
+
+def cmd_disk(args, store: Store) -> int:
+    return _run_job(args, store, "disk", dry_run=args.dry_run, force=args.force)
+
+
+def cmd_gpu(args: argparse.Namespace, settings: Settings) -> int:
+    from sparkops import gpu
+
+    snap = gpu.snapshot()
+
+    def text() -> None:
+        if not snap.available:
+            print(f"No GPU information: {snap.reason}")
+            return
+        print(f"NVIDIA driver {snap.driver_version or '?'}")
+        for d in snap.devices:
+            memory = (f"{(d.memory_used_mb or 0) / 1024:.1f} / {(d.memory_total_mb or 0) / 1024:.1f} GiB"
+                      + (" (unified memory)" if d.unified else ""))
+            print(f"  GPU {d.index}: {d.name}  util {d.utilization_pct if d.utilization_pct is not None else '?'}%"
+                  f"  {d.temperature_c if d.temperature_c is not None else '?'} C"
+                  f"  {d.power_w if d.power_w is not None else '?'} W  {memory}")
+        for p in snap.processes:
+            used = f"{p.used_memory_mb / 1024:.1f} GiB" if p.used_memory_mb is not None else "? GiB"
+            print(f"    pid {p.pid:<8} GPU {p.device_index}  {used:>10}  {(p.command_line or '?')[:100]}")
+    _emit(args, snap.as_dict(), text)
+    return 0
+
+
+def cmd_services(args, store: Store) -> int:
+    from sparkops import services
+    from sparkops.procs import host_name
+
+    host = host_name(args.settings["host.name"])
+    states = services.load_states(store.ops, host)
+    rows = [{"name": spec.name, "check": spec.check, "enabled": spec.enabled,
+             "status": (states[spec.name].status if spec.name in states else "unknown"),
+             "since": states[spec.name].since if spec.name in states else None,
+             "detail": states[spec.name].detail if spec.name in states else "",
+             "restart_configured": bool(spec.restart_argv)} for spec in args.settings.services]
+
+    def text() -> None:
+        for r in rows:
+            state = r["status"] if r["enabled"] else "disabled"
+            print(f"{r['name']:<10} {r['check']:<8} {state:<10} {r['detail']}")
+    _emit(args, rows, text)
+    return 0
+
+
+def cmd_alerts(args, store: Store) -> int:
+    from sparkops import alerts
+
+    rows = alerts.recent(store.ops, limit=args.limit)
+
+    def text() -> None:
+        if not rows:
+            print("(no alerts)")
+        for r in reversed(rows):
+            print(f"[{_when(r['created_at'])}] {r['level']:<8} {r['outcome']:<10} {r['key']}: {r['title']}")
+    _emit(args, rows, text)
+    return 0
+
+
 def cmd_demo_agent(args: argparse.Namespace, settings: Settings) -> int:
     from sparkops import demo_agent
 
@@ -468,6 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "reclaim", cmd_reclaim,
             "close runs whose worker is dead, silent or over its max runtime, and requeue their tasks")
     p.add_argument("--dry-run", action="store_true", help="only say what would be reclaimed and why")
+
+    p = add(sub, "watchdog", cmd_watchdog,
+            "check services, vLLM and the GPU now; restart what is down, kill GPU zombies")
+    p.add_argument("--dry-run", action="store_true", help="only say what it would do")
+    p = add(sub, "disk", cmd_disk, "disk usage; clean old logs and finished workspaces above the threshold")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p.add_argument("--force", action="store_true", help="clean even below disk.threshold_percent")
+    add(sub, "gpu", cmd_gpu, "the GPUs and their processes, as NVML sees them", store=False)
+    add(sub, "services", cmd_services, "the services the watchdog checks, and their last state")
+    p = add(sub, "alerts", cmd_alerts, "recent alerts: sent, suppressed, failed")
+    p.add_argument("--limit", type=int, default=50)
 
     from sparkops import demo_agent
 

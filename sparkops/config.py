@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,12 +260,12 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.001,
     ),
     Setting(
-        "gpu.serving_patterns", "list", ["vllm.entrypoints", "vllm serve"],
+        "gpu.serving_patterns", "list", ["(?i)vllm.entrypoints", "(?i)vllm serve", "(?i)vllm::"],
         "Regular expressions for the model server's command line (its process tree is "
         "the serving tree).",
     ),
     Setting(
-        "gpu.kill_patterns", "list", ["vllm"],
+        "gpu.kill_patterns", "list", ["(?i)vllm"],
         "Only GPU processes whose command line matches one of these regular expressions "
         "are ever signalled. The UI, the runner, agents and anything else are never touched.",
     ),
@@ -434,6 +435,12 @@ def load_settings(
         setting = SETTINGS_BY_KEY[key]
         values[key] = _resolve(setting, _parse_env(setting, value), base_dir,
                                f"in environment variable {setting.env_name}")
+    for key in ("gpu.serving_patterns", "gpu.kill_patterns"):
+        for pattern in values[key]:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
     services = load_services(values, file_services, where, env.get("SPARKOPS_SERVICES"), base_dir)
     return Settings(values=values, source=source, base_dir=base_dir, services=services)
 
@@ -743,7 +750,6 @@ def load_services(values: Mapping[str, Any], from_file: Any, where: str, from_en
 
 
 def _service(name: str, fields: dict[str, Any], where: str, base_dir: Path) -> ServiceSpec:
-    import re
     import shutil
     from urllib.parse import urlsplit
 

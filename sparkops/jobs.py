@@ -105,7 +105,7 @@ class JobRun:
 def registry() -> dict[str, JobSpec]:
     """Every job, by name."""
     # Imported here: the job modules import JobContext and JobReport from this one.
-    from sparkops import dispatch, reclaim
+    from sparkops import disk, dispatch, gpu, reclaim, watchdog
 
     specs = [
         JobSpec("dispatch", dispatch.run, "dispatch.interval_seconds",
@@ -114,6 +114,12 @@ def registry() -> dict[str, JobSpec]:
                 "Close runs whose worker is gone, silent or over its max runtime; requeue the task."),
         JobSpec("promote", promote, "runner.promote_interval_seconds",
                 "Promote todo tasks whose parents are all finished."),
+        JobSpec("watchdog", watchdog.run, "watchdog.interval_seconds",
+                "Check the services and vLLM, restart what is down, kill GPU zombies, report stale runs."),
+        JobSpec("disk", disk.run, "watchdog.interval_seconds",
+                "Above disk.threshold_percent, delete old logs and finished workspaces."),
+        JobSpec("gpu-sample", gpu.sample, "gpu.sample_interval_seconds",
+                "Store one GPU sample per device for the GPU page; prune old samples."),
     ]
     return {spec.name: spec for spec in specs}
 
