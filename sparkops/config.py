@@ -575,7 +575,9 @@ def _resolve(setting: Setting, value: Any, base_dir: Path, where: str) -> Any:
             raise bad()
         return float(value) if kind == "float" else value
     if kind in ("list", "paths"):
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad()
+        if kind == "paths" and not all(value):
             raise bad()
         if kind == "paths":
             return [p if p.is_absolute() else base_dir / p for p in map(lambda v: Path(v).expanduser(), value)]
