@@ -45,6 +45,8 @@ SECTION_TITLES = {
     "gpu": "The GPU adapter (NVML), its samples, and the zombie rule.",
     "disk": "Disk usage and the cleanup of old logs and finished workspaces.",
     "alerts": "Where alerts go (the log always; Telegram and a webhook when set) and their cooldown.",
+    "review": "The sprint review: metrics window, phases, stuck signals, reports, the narrative.",
+    "export": "The board exported as CSV and JSON for sprint review and remote monitoring.",
     "runner": "The jobs runner (`python -m sparkops up`).",
     "ui": "The Streamlit app.",
 }

@@ -334,6 +334,73 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.1, maximum=120,
     ),
     Setting(
+        "review.interval_seconds", "float", 600.0,
+        "How often the review job writes a sprint report (the seed's CTO review ran every "
+        "10 minutes).",
+        minimum=1,
+    ),
+    Setting(
+        "review.window_hours", "float", 24.0,
+        "The metrics window: throughput, lead and cycle times, failure rates and WIP cover "
+        "this many hours back.",
+        minimum=0.01,
+    ),
+    Setting(
+        "review.phase_patterns", "list", [r"\[P(\d+)\]", r"(?i)\bphase\s*(\d+)\s*:"],
+        "Regular expressions that read a phase from a task title; the first group is the "
+        "phase. Tried in order, after an explicit assignment and before the dependency depth.",
+    ),
+    Setting(
+        "review.promote_next_phase", "bool", False,
+        "When a phase is finished, promote the next phase's todo tasks to ready.",
+    ),
+    Setting(
+        "review.stuck_ready_minutes", "float", 30.0,
+        "Stuck: ready work exists but no run started for this many minutes.",
+        minimum=1,
+    ),
+    Setting(
+        "review.max_reruns", "int", 3,
+        "Stuck: a task run more than this many times.",
+        minimum=1,
+    ),
+    Setting(
+        "review.no_completion_hours", "float", 4.0,
+        "Stuck: open work but no task completed for this many hours.",
+        minimum=0.1,
+    ),
+    Setting(
+        "review.reports_dir", "path", "reports",
+        "Where the review job writes its markdown reports (also kept in ops_reports).",
+    ),
+    Setting(
+        "review.model_url", "weburl", "http://127.0.0.1:8000/v1/chat/completions",
+        "An OpenAI-compatible chat completions endpoint for the report's narrative paragraph "
+        "(the local vLLM). Empty: no narrative.",
+        optional=True,
+    ),
+    Setting(
+        "review.model", "str", "",
+        "The model name for the narrative. Empty: the first model the server lists at /v1/models.",
+        optional=True,
+    ),
+    Setting(
+        "review.model_timeout_seconds", "float", 30.0,
+        "The longest the narrative may take; past it the report says so and keeps the "
+        "deterministic summary.",
+        minimum=0.1, maximum=600,
+    ),
+    Setting(
+        "export.interval_seconds", "float", 300.0,
+        "How often the export job writes the board as CSV and JSON (the seed exported every "
+        "5 minutes).",
+        minimum=1,
+    ),
+    Setting(
+        "export.dir", "path", "exports",
+        "Where the export job writes its files (each replaced atomically).",
+    ),
+    Setting(
         "runner.promote_interval_seconds", "float", 5.0,
         "How often the jobs runner promotes todo tasks whose parents are done "
         "(a safety net for boards also worked by Hermes).",
@@ -435,7 +502,7 @@ def load_settings(
         setting = SETTINGS_BY_KEY[key]
         values[key] = _resolve(setting, _parse_env(setting, value), base_dir,
                                f"in environment variable {setting.env_name}")
-    for key in ("gpu.serving_patterns", "gpu.kill_patterns"):
+    for key in ("gpu.serving_patterns", "gpu.kill_patterns", "review.phase_patterns"):
         for pattern in values[key]:
             try:
                 re.compile(pattern)

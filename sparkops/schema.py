@@ -295,6 +295,52 @@ ops_gpu_samples = Table(
     sqlite_autoincrement=True,
 )
 
+ops_task_phases = Table(
+    "ops_task_phases",
+    ops_metadata,
+    Column("task_id", Text, primary_key=True),
+    Column("phase", Text, nullable=False),
+    Column("assigned_by", Text),
+    Column("assigned_at", Epoch, nullable=False),
+)
+
+ops_phase_boundaries = Table(
+    "ops_phase_boundaries",
+    ops_metadata,
+    Column("phase", Text, primary_key=True),  # recorded once: the key makes a race harmless
+    Column("reached_at", Epoch, nullable=False),  # when its last open task finished
+    Column("recorded_at", Epoch, nullable=False),
+    Column("last_task_id", Text),
+    Column("tasks", Integer),
+    Column("promoted", Text),  # JSON list of the next phase's tasks promoted, if any
+)
+
+ops_events = Table(
+    "ops_events",
+    ops_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Epoch, nullable=False),
+    Column("kind", Text, nullable=False),  # phase_boundary | phase_assigned | review | export ...
+    Column("subject", Text),  # a phase, a task id, a report id
+    Column("payload", Text),  # JSON
+    Index("idx_ops_events_kind", "kind", "created_at"),
+    sqlite_autoincrement=True,
+)
+
+ops_reports = Table(
+    "ops_reports",
+    ops_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Epoch, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("path", Text),  # the markdown file under review.reports_dir
+    Column("narrative", Text),  # ok | unreachable | timed out | garbage | off
+    Column("markdown", Text, nullable=False),
+    Column("metrics", Text),  # JSON summary for the UI
+    Index("idx_ops_reports_created", "created_at"),
+    sqlite_autoincrement=True,
+)
+
 
 # -- migrations ------------------------------------------------------------------
 
@@ -329,6 +375,7 @@ OPS_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ops_schema_version", _ops_v1),
     Migration(2, "ops_job_runs, ops_hosts", _ops_v2),
     Migration(3, "ops_services, ops_alerts, ops_alert_state, ops_gpu_samples", _ops_v2),
+    Migration(4, "ops_task_phases, ops_phase_boundaries, ops_events, ops_reports", _ops_v2),
 )
 
 BOARD_SCHEMA_VERSION = BOARD_MIGRATIONS[-1].version
