@@ -63,7 +63,7 @@ def generate(directory: Path, n_tasks: int, n_runs: int, n_events: int, seed: in
                  for i in range(1, n_tasks) if rng.random() < 0.3]
     link_rows = list({(r["parent_id"], r["child_id"]): r for r in link_rows}.values())
     run_rows = []
-    for r in range(n_runs):
+    for _ in range(n_runs):
         task = task_rows[rng.randrange(n_tasks)]
         begin = (task["started_at"] or task["created_at"]) + rng.randrange(0, 3600)
         outcome = rng.choice(OUTCOMES)

@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from sparkops import __version__, board, queries
 from sparkops.config import SETTINGS, Settings, load_secrets, load_settings, mask_url
-from sparkops.errors import InvalidInput, SparkOpsError, StorageError
+from sparkops.errors import InvalidInput, NotFound, SparkOpsError, StorageError
 from sparkops.store import Store, open_store
 
 log = logging.getLogger("sparkops")
@@ -400,6 +400,71 @@ def cmd_alerts(args, store: Store) -> int:
     return 0
 
 
+def cmd_review(args, store: Store) -> int:
+    return _run_job(args, store, "review")
+
+
+def cmd_export(args, store: Store) -> int:
+    return _run_job(args, store, "export")
+
+
+def cmd_report(args, store: Store) -> int:
+    from sparkops import review
+
+    [latest] = review.latest(store.ops, limit=1) or [None]
+    if latest is None:
+        raise NotFound("review report", "(none yet; run `python -m sparkops review`)")
+    _emit(args, latest, lambda: print(latest["markdown"], end=""))
+    return 0
+
+
+def cmd_metrics(args, store: Store) -> int:
+    from sparkops import metrics, phases
+
+    mapping = phases.resolve(store.board, store.ops, args.settings["review.phase_patterns"])
+    options = metrics.options_from(args.settings)
+    if args.hours is not None:
+        options["window_hours"] = args.hours
+    computed = metrics.compute(store.board, now=int(time.time()),
+                               phase_of={t: p.phase for t, p in mapping.items()}, **options)
+    _emit(args, computed.as_dict(series=False), lambda: [print(line) for line in computed.summary_lines()])
+    return 0
+
+
+def cmd_phase_set(args, store: Store) -> int:
+    from sparkops import phases
+
+    name = phases.assign(store.board, store.ops, args.task_id, args.phase, by=_actor())
+    _emit(args, {"task_id": args.task_id, "phase": name}, lambda: print(f"{args.task_id} is in phase {name}"))
+    return 0
+
+
+def cmd_phase_unset(args, store: Store) -> int:
+    from sparkops import phases
+
+    if not phases.unassign(store.ops, args.task_id, by=_actor()):
+        raise NotFound("explicit phase of task", args.task_id)
+    _emit(args, {"task_id": args.task_id}, lambda: print(f"{args.task_id}: explicit phase removed"))
+    return 0
+
+
+def cmd_phase_list(args, store: Store) -> int:
+    from sparkops import phases
+
+    mapping = phases.resolve(store.board, store.ops, args.settings["review.phase_patterns"])
+    rows = phases.summary(store.board, mapping)
+    boundaries = {b.phase: b for b in phases.recorded(store.ops)}
+    for row in rows:
+        row["finished_at"] = boundaries[row["phase"]].reached_at if row["phase"] in boundaries else None
+
+    def text() -> None:
+        for r in rows:
+            done = f"finished {_when(r['finished_at'])}" if r["finished_at"] else f"{r['open']} open"
+            print(f"{r['phase']:<12} {r['total']:>5} tasks  {r['done']:>5} done  {done}")
+    _emit(args, rows, text)
+    return 0
+
+
 def cmd_demo_agent(args: argparse.Namespace, settings: Settings) -> int:
     from sparkops import demo_agent
 
@@ -544,6 +609,20 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "services", cmd_services, "the services the watchdog checks, and their last state")
     p = add(sub, "alerts", cmd_alerts, "recent alerts: sent, suppressed, failed")
     p.add_argument("--limit", type=int, default=50)
+
+    add(sub, "review", cmd_review, "write a sprint review report now (phases, metrics, risks, narrative)")
+    add(sub, "report", cmd_report, "print the latest sprint review report")
+    add(sub, "export", cmd_export, "write the board as CSV and JSON into export.dir (see docs/export.md)")
+    p = add(sub, "metrics", cmd_metrics, "sprint metrics over the review window")
+    p.add_argument("--hours", type=float, help="the window (default: review.window_hours)")
+    phase = sub.add_parser("phase", help="the phases of the sprint; assign a task to one")
+    psub = phase.add_subparsers(dest="phase_command", required=True, metavar="ACTION")
+    add(psub, "list", cmd_phase_list, "phases with their tasks and when they finished")
+    p = add(psub, "set", cmd_phase_set, "put a task in a phase explicitly (beats title tags and depth)")
+    p.add_argument("task_id")
+    p.add_argument("phase")
+    p = add(psub, "unset", cmd_phase_unset, "drop a task's explicit phase")
+    p.add_argument("task_id")
 
     from sparkops import demo_agent
 

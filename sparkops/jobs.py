@@ -105,7 +105,7 @@ class JobRun:
 def registry() -> dict[str, JobSpec]:
     """Every job, by name."""
     # Imported here: the job modules import JobContext and JobReport from this one.
-    from sparkops import disk, dispatch, gpu, reclaim, watchdog
+    from sparkops import disk, dispatch, export, gpu, reclaim, review, watchdog
 
     specs = [
         JobSpec("dispatch", dispatch.run, "dispatch.interval_seconds",
@@ -120,6 +120,10 @@ def registry() -> dict[str, JobSpec]:
                 "Above disk.threshold_percent, delete old logs and finished workspaces."),
         JobSpec("gpu-sample", gpu.sample, "gpu.sample_interval_seconds",
                 "Store one GPU sample per device for the GPU page; prune old samples."),
+        JobSpec("review", review.run, "review.interval_seconds",
+                "Record phase boundaries; write the sprint review report (metrics, phases, risks, narrative)."),
+        JobSpec("export", export.run, "export.interval_seconds",
+                "Write the board as CSV and JSON into export.dir (the files replaced atomically)."),
     ]
     return {spec.name: spec for spec in specs}
 

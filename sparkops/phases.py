@@ -197,10 +197,12 @@ def summary(board_db: Database, mapping: Mapping[str, PhaseOf]) -> list[dict[str
 # -- boundaries ------------------------------------------------------------------------------
 
 
-def recorded(ops: Database, *, since: int | None = None) -> list[Boundary]:
+def recorded(ops: Database, *, after: int | None = None) -> list[Boundary]:
+    """Recorded boundaries, by when they were reached; only those recorded strictly
+    after ``after`` when given (a review shows those since the previous one)."""
     query = select(ops_phase_boundaries).order_by(ops_phase_boundaries.c.reached_at)
-    if since is not None:
-        query = query.where(ops_phase_boundaries.c.recorded_at >= since)
+    if after is not None:
+        query = query.where(ops_phase_boundaries.c.recorded_at > after)
     with ops.read() as conn:
         return [Boundary(r.phase, r.reached_at, r.recorded_at, r.last_task_id, r.tasks or 0,
                          tuple(json.loads(r.promoted or "[]"))) for r in conn.execute(query)]
