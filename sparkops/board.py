@@ -518,6 +518,16 @@ def fail(db: Database, task_id: str, *, run_id: int, outcome: Outcome, error: st
     return Change(task_id, "fail", row.status, target, run_id)
 
 
+def set_priority(db: Database, task_id: str, priority: int, *, now: float | None = None) -> int:
+    """Change a task's priority (not its status); returns the old one."""
+    ts = epoch(now)
+    with db.write() as conn:
+        row = _task_row(conn, task_id)
+        conn.execute(update(tasks).where(tasks.c.id == task_id).values(priority=int(priority)))
+        _event(conn, task_id, "reprioritized", {"priority": int(priority), "was": row.priority}, now=ts)
+    return row.priority or 0
+
+
 def close_orphan_run(db: Database, run_id: int, *, reason: str, now: float | None = None) -> bool:
     """Close a run row left open although its task no longer points at it (a leak
     from another tool). The task is not touched. False if the run was closed, or

@@ -341,6 +341,21 @@ ops_reports = Table(
     sqlite_autoincrement=True,
 )
 
+ops_audit = Table(
+    "ops_audit",
+    ops_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Epoch, nullable=False),
+    Column("actor", Text, nullable=False),  # who pressed it: "ui@127.0.0.1", "cli:alice"
+    Column("action", Text, nullable=False),  # e.g. "task.archive", "job.run", "fix.gpu_zombies"
+    Column("target", Text),  # a task id, a job, a service
+    Column("params", Text),  # JSON
+    Column("result", Text, nullable=False),  # ok | refused | error
+    Column("message", Text),
+    Index("idx_ops_audit_created", "created_at"),
+    sqlite_autoincrement=True,
+)
+
 
 # -- migrations ------------------------------------------------------------------
 
@@ -376,6 +391,7 @@ OPS_MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "ops_job_runs, ops_hosts", _ops_v2),
     Migration(3, "ops_services, ops_alerts, ops_alert_state, ops_gpu_samples", _ops_v2),
     Migration(4, "ops_task_phases, ops_phase_boundaries, ops_events, ops_reports", _ops_v2),
+    Migration(5, "ops_audit", _ops_v2),
 )
 
 BOARD_SCHEMA_VERSION = BOARD_MIGRATIONS[-1].version

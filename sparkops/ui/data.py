@@ -18,6 +18,7 @@ import streamlit as st
 from sparkops import queries
 from sparkops.config import Secrets, Settings, load_secrets, load_settings
 from sparkops.db import Database
+from sparkops.jobs import JobContext
 from sparkops.store import Store, open_store
 
 #: How long a cached read is reused (seconds).
@@ -44,6 +45,16 @@ def load_context() -> AppContext:
 def _shared_store(board_url: str, ops_url: str, _settings: Settings) -> Store:
     # Keyed by the URLs only; a failure is not cached, so the next rerun retries.
     return open_store(_settings)
+
+
+def job_context(ctx: AppContext) -> JobContext:
+    """The job context buttons run with: one per app process, like the store."""
+    return _job_context(ctx.settings["storage.board_url"], ctx.settings["storage.ops_url"], ctx)
+
+
+@st.cache_resource(show_spinner=False)
+def _job_context(board_url: str, ops_url: str, _ctx: AppContext) -> JobContext:
+    return JobContext.create(_ctx.settings, _ctx.store, secrets=_ctx.secrets)
 
 
 def board_stats(db: Database) -> dict[str, Any]:

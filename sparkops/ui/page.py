@@ -96,3 +96,20 @@ def _refuse_open_remote(ctx: AppContext) -> None:
         "SPARKOPS_UI_PASSWORD, start it with `python -m sparkops up` (which binds "
         "127.0.0.1), or set ui.allow_unauthenticated_remote = true.", icon="🛑")
     st.stop()
+
+
+def actor() -> str:
+    """Who is pressing buttons, for the audit: ``ui@<client address>``."""
+    try:
+        address = st.context.ip_address
+    except Exception:  # noqa: BLE001 - older Streamlit, or no request (AppTest)
+        address = None
+    return f"ui@{address or 'local'}"
+
+
+def show_result(result) -> None:
+    """An action's outcome as a success or error box (never a traceback)."""
+    if result.ok:
+        st.success(result.message, icon="✅")
+    else:
+        st.error(result.message, icon="🛑")
