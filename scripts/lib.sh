@@ -64,3 +64,25 @@ ensure_postgres() {
   fi
   say "PostgreSQL not available: the PostgreSQL tests will be skipped"
 }
+
+# ensure_chromium: Debian's chromium for the browser tests (Playwright drives it; no
+# browser download). Without it the browser tests skip, except in CI.
+ensure_chromium() {
+  if [ -x /usr/bin/chromium ]; then
+    return 0
+  fi
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    say "installing Debian's chromium (for the browser tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium fonts-noto-color-emoji >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium fonts-noto-color-emoji >/dev/null 2>&1; } \
+      || true
+  fi
+  if [ ! -x /usr/bin/chromium ]; then
+    if in_ci; then
+      echo "chromium could not be installed; CI needs it for the browser tests" >&2
+      exit 1
+    fi
+    say "chromium not available: the browser tests will be skipped"
+  fi
+}
