@@ -102,9 +102,9 @@ def actor() -> str:
     """Who is pressing buttons, for the audit: ``ui@<client address>``."""
     try:
         address = st.context.ip_address
-    except Exception:  # noqa: BLE001 - older Streamlit, or no request (AppTest)
+    except Exception:  # noqa: BLE001 - older Streamlit, or no request
         address = None
-    return f"ui@{address or 'local'}"
+    return f"ui@{address if isinstance(address, str) and address else 'local'}"
 
 
 def show_result(result) -> None:

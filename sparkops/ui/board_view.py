@@ -1,0 +1,337 @@
+"""Reads and view helpers for the Board and Runs pages.
+
+Cached reads go through :mod:`sparkops.queries` and :mod:`sparkops.phases` with
+``st.cache_data`` for :data:`sparkops.ui.data.READ_TTL_SECONDS`, keyed by the
+database URL like :mod:`sparkops.ui.data` (no SQL here). :func:`forget` drops them
+after a button changed the board, so the next render shows the change at once.
+
+The rest are plain functions over the dicts the queries return (filters, cards,
+tables, a run's host and pid, a log's last lines), with no Streamlit calls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from sparkops import phases as phases_mod
+from sparkops import queries
+from sparkops.db import Database
+from sparkops.ui import views
+from sparkops.ui.data import READ_TTL_SECONDS, AppContext
+
+#: Lines of a run log shown by default.
+LOG_TAIL_LINES = 100
+#: At most this much of the end of a log is read to find those lines.
+LOG_TAIL_BYTES = 256 * 1024
+
+ANY = "(any)"
+OPEN = "(open)"
+NO_OUTCOME = "(none)"
+
+_RESULT_KEY = "sparkops_board_result"
+
+
+# -- cached reads --------------------------------------------------------------------------
+
+
+def tasks(db: Database, *, include_archived: bool = False) -> list[dict[str, Any]]:
+    """Tasks in board order (priority, then age)."""
+    return _tasks(db, db.url, include_archived)
+
+
+def task_detail(db: Database, task_id: str) -> dict[str, Any]:
+    """The task with parents, children, comments, events and runs (raises NotFound)."""
+    return _task_detail(db, db.url, task_id)
+
+
+def phase_map(ctx: AppContext) -> dict[str, tuple[str, str]]:
+    """``{task_id: (phase, source)}`` from :func:`sparkops.phases.resolve`."""
+    board, ops = ctx.store.board, ctx.store.ops
+    patterns = tuple(ctx.settings["review.phase_patterns"])
+    return _phase_map(board, ops, board.url, ops.url, patterns)
+
+
+def runs(db: Database, *, active_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
+    """Runs, newest first."""
+    return _runs(db, db.url, active_only, limit)
+
+
+def task_runs(db: Database, task_id: str) -> list[dict[str, Any]]:
+    """One task's runs, newest first (raises NotFound)."""
+    return _task_runs(db, db.url, task_id)
+
+
+def forget() -> None:
+    """Drop the cached reads of this module (after a write)."""
+    for fn in (_tasks, _task_detail, _phase_map, _runs, _task_runs):
+        fn.clear()
+
+
+# Leading underscores: Streamlit does not hash those arguments; the URL is the key.
+
+@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+def _tasks(_db: Database, url: str, include_archived: bool) -> list[dict[str, Any]]:
+    return queries.list_tasks(_db, include_archived=include_archived)
+
+
+@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+def _task_detail(_db: Database, url: str, task_id: str) -> dict[str, Any]:
+    return queries.task_detail(_db, task_id)
+
+
+@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+def _phase_map(_board: Database, _ops: Database, board_url: str, ops_url: str,
+               patterns: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    return {task_id: (p.phase, p.source)
+            for task_id, p in phases_mod.resolve(_board, _ops, patterns).items()}
+
+
+@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+def _runs(_db: Database, url: str, active_only: bool, limit: int) -> list[dict[str, Any]]:
+    return queries.list_runs(_db, active_only=active_only, limit=limit)
+
+
+@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+def _task_runs(_db: Database, url: str, task_id: str) -> list[dict[str, Any]]:
+    return queries.list_runs(_db, task_id=task_id, limit=1000)
+
+
+# -- an action's outcome, shown after the rerun it causes ---------------------------------------
+
+
+def remember_result(result: Any, where: str) -> None:
+    """Keep an action's result for the next render (buttons run in callbacks)."""
+    st.session_state[_RESULT_KEY] = (where, result)
+
+
+def pending_result(where: str) -> Any | None:
+    """The result kept for ``where``, once; None when there is none."""
+    kept = st.session_state.get(_RESULT_KEY)
+    if not kept or kept[0] != where:
+        return None
+    del st.session_state[_RESULT_KEY]
+    return kept[1]
+
+
+# -- the board ---------------------------------------------------------------------------------
+
+
+def phase_names(phase_of: Mapping[str, tuple[str, str]], tasks_: Iterable[dict[str, Any]]) -> list[str]:
+    """The phases of these tasks, in phase order (P1, P2, ..., then named ones)."""
+    names = {phase_of[t["id"]][0] for t in tasks_ if t["id"] in phase_of}
+    return sorted(names, key=phases_mod.order_key)
+
+
+def priorities(tasks_: Iterable[dict[str, Any]]) -> list[int]:
+    """The priorities present, highest first."""
+    return sorted({int(t.get("priority") or 0) for t in tasks_}, reverse=True)
+
+
+def filter_board(tasks_: Iterable[dict[str, Any]], *, text: str = "", assignee: str | None = None,
+                 phase: str | None = None, priority: int | None = None,
+                 phase_of: Mapping[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """:func:`views.filter_tasks` (text, assignee), then the phase and priority when given."""
+    kept = views.filter_tasks(tasks_, text=text, assignee=assignee)
+    if phase is not None:
+        kept = [t for t in kept if (phase_of or {}).get(t["id"], (None,))[0] == phase]
+    if priority is not None:
+        kept = [t for t in kept if int(t.get("priority") or 0) == priority]
+    return kept
+
+
+def card_markdown(task: dict[str, Any], now: int, phase: str | None) -> str:
+    """:func:`views.card_markdown` with the task's phase."""
+    card = views.card_markdown(task, now)
+    return card + (f" · {views.md_escape(phase)}" if phase else "")
+
+
+def text_block(text: str | None) -> str:
+    """Agent-written text as escaped markdown that keeps its line breaks."""
+    return "  \n".join(views.md_escape(line) for line in (text or "").splitlines())
+
+
+def task_facts(task: dict[str, Any], phase: tuple[str, str] | None, now: int) -> str:
+    """One line about a task for its detail view."""
+    facts = [f"`{task['id']}`", views.status_label(task["status"]),
+             f"@{views.md_escape(task.get('assignee') or 'unassigned')}",
+             f"priority {task.get('priority') or 0}"]
+    if phase:
+        facts.append(f"phase {views.md_escape(phase[0])} ({phase[1]})")
+    facts.append(f"created {views.duration(now - task['created_at'])} ago")
+    if task.get("started_at"):
+        facts.append(f"started {views.when(task['started_at'])}")
+    if task.get("completed_at"):
+        facts.append(f"completed {views.when(task['completed_at'])}")
+    if task.get("consecutive_failures"):
+        facts.append(f"⚠️ {task['consecutive_failures']} failure(s) in a row")
+    return " · ".join(facts)
+
+
+def link_lines(ids: Iterable[str], tasks_by_id: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Parents or children as markdown lines: id, status and title."""
+    lines = []
+    for task_id in ids:
+        task = tasks_by_id.get(task_id)
+        if task is None:
+            lines.append(f"`{task_id}`")
+        else:
+            lines.append(f"`{task_id}` {views.status_label(task['status'])} · "
+                         f"{views.md_escape(task['title'])}")
+    return lines
+
+
+def log_run_id(detail: dict[str, Any]) -> int | None:
+    """The run whose log the detail view shows: the current run, else the last one."""
+    current = detail["task"].get("current_run_id")
+    if current:
+        return int(current)
+    return int(detail["runs"][-1]["id"]) if detail["runs"] else None
+
+
+# -- runs -----------------------------------------------------------------------------------
+
+
+def _metadata(run: dict[str, Any]) -> dict[str, Any]:
+    value = run.get("metadata")
+    return value if isinstance(value, dict) else {}
+
+
+def run_host(run: dict[str, Any]) -> str:
+    """Where the run's worker runs: ``metadata.process.host``, else the claim lock's host."""
+    process = _metadata(run).get("process")
+    if isinstance(process, dict) and process.get("host"):
+        return str(process["host"])
+    lock = run.get("claim_lock") or ""
+    if ":" in lock:
+        return lock.rsplit(":", 1)[0]
+    return str(_metadata(run).get("host") or lock)
+
+
+def run_pid(run: dict[str, Any]) -> int | None:
+    """The worker's pid: ``worker_pid``, else the recorded agent's or shim's."""
+    if run.get("worker_pid"):
+        return int(run["worker_pid"])
+    process = _metadata(run).get("process")
+    if isinstance(process, dict):
+        for name in ("agent", "shim"):
+            proc = process.get(name)
+            if isinstance(proc, dict) and proc.get("pid"):
+                return int(proc["pid"])
+    return None
+
+
+def run_duration(run: dict[str, Any], now: int) -> int | None:
+    """Seconds from start to end (to ``now`` while it runs)."""
+    if not run.get("started_at"):
+        return None
+    return int((run.get("ended_at") or now) - run["started_at"])
+
+
+def run_outcome(run: dict[str, Any]) -> str:
+    if run.get("ended_at") is None:
+        return "running"
+    return run.get("outcome") or NO_OUTCOME
+
+
+def outcomes(runs_: Iterable[dict[str, Any]]) -> list[str]:
+    """The outcomes of the ended runs, sorted."""
+    return sorted({run_outcome(r) for r in runs_ if r.get("ended_at") is not None})
+
+
+def filter_runs(runs_: Iterable[dict[str, Any]], *, outcome: str | None = None, task_text: str = "",
+                titles: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Runs with that outcome (:data:`OPEN` for those still running) whose task id
+    or title contains ``task_text`` (any case)."""
+    needle = (task_text or "").strip().lower()
+    kept = []
+    for run in runs_:
+        if outcome == OPEN and run.get("ended_at") is not None:
+            continue
+        if outcome not in (None, OPEN) and (run.get("ended_at") is None or run_outcome(run) != outcome):
+            continue
+        title = (titles or {}).get(run["task_id"], "")
+        if needle and needle not in run["task_id"].lower() and needle not in title.lower():
+            continue
+        kept.append(run)
+    return kept
+
+
+RUN_COLUMNS = ["run", "task", "title", "assignee", "outcome", "started", "duration", "host", "pid",
+               "error"]
+
+
+def runs_frame(runs_: Iterable[dict[str, Any]], now: int,
+               titles: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Runs for a table: outcome, duration, host, pid and the error (or summary)."""
+    rows = [{
+        "run": r["id"],
+        "task": r["task_id"],
+        "title": (titles or {}).get(r["task_id"], ""),
+        "assignee": r.get("profile") or "",
+        "outcome": run_outcome(r),
+        "started": views.when(r.get("started_at")),
+        "duration": views.duration(run_duration(r, now)),
+        "host": run_host(r),
+        "pid": run_pid(r),
+        "error": (r.get("error") or r.get("summary") or "").strip().splitlines()[0][:200]
+        if (r.get("error") or r.get("summary") or "").strip() else "",
+    } for r in runs_]
+    return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"pid": "Int64"})
+
+
+def run_label(run: dict[str, Any], titles: Mapping[str, str] | None = None) -> str:
+    """``#12 · t_ab12cd34 · running · Title`` for a picker."""
+    title = (titles or {}).get(run["task_id"], "")
+    return f"#{run['id']} · {run['task_id']} · {run_outcome(run)}" + (f" · {title[:60]}" if title else "")
+
+
+def run_facts(run: dict[str, Any], now: int) -> str:
+    """One markdown line about a run."""
+    facts = [f"run {run['id']}", f"task `{run['task_id']}`", run_outcome(run),
+             f"started {views.when(run.get('started_at'))}",
+             ("running for " if run.get("ended_at") is None else "took ")
+             + views.duration(run_duration(run, now))]
+    host, pid = run_host(run), run_pid(run)
+    if host:
+        facts.append(f"host {views.md_escape(host)}")
+    if pid:
+        facts.append(f"pid {pid}")
+    if run.get("last_heartbeat_at") and run.get("ended_at") is None:
+        facts.append(f"heartbeat {views.duration(now - run['last_heartbeat_at'])} ago")
+    return " · ".join(facts)
+
+
+# -- logs ----------------------------------------------------------------------------------
+
+
+def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = LOG_TAIL_BYTES) -> str | None:
+    """The last ``lines`` lines of a log (from at most its last ``max_bytes``), or
+    None when the file does not exist or cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            start = max(0, size - max_bytes)
+            fh.seek(start)
+            data = fh.read()
+    except OSError:
+        return None
+    text = data.decode("utf-8", "replace")
+    kept = text.splitlines()
+    if start > 0 and kept:
+        kept = kept[1:]  # the first line read is probably cut
+    return "\n".join(kept[-lines:]) if lines > 0 else ""
+
+
+def missing_log_note(path: Path, run: dict[str, Any] | None = None) -> str:
+    """Why a run has no log to show."""
+    who = f"run {run['id']}" if run else "this run"
+    return (f"No log file for {who}: {path} does not exist. SparkOps' dispatcher writes one for each "
+            "run it starts; runs claimed by Hermes workers or made by the demo have none, and the "
+            "cleanup job removes old logs.")
