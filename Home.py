@@ -1,13 +1,15 @@
-"""SparkOps home: the board at a glance, active runs and recent events.
+"""SparkOps home: health at a glance (anything red on top), the board, active runs,
+recent alerts, phase boundaries and events.
 
 Start it with ``python -m sparkops up`` (or ``streamlit run Home.py``). Reads go
-through :mod:`sparkops.ui.data`; this page only lays them out.
+through :mod:`sparkops.ui.data` and :mod:`sparkops.ui.ops_view`; this page only
+lays them out.
 """
 
 import streamlit as st
 
 from sparkops.board import Status
-from sparkops.ui import data, page, views
+from sparkops.ui import data, ops_view, page, views
 
 ctx = page.start("Home")
 st.title("⚡ SparkOps")
@@ -15,12 +17,53 @@ st.caption(f"Board {ctx.store.board.display_url} · settings from {ctx.settings.
 page.security_banner(ctx)
 
 
+def show_health(health: ops_view.Health) -> None:
+    red = health.red()
+    if red:
+        st.error("**Needs attention now**\n\n" + "\n".join(f"- {views.md_escape(line)}" for line in red),
+                 icon="🚨")
+    else:
+        st.success(f"All green on {health.host}: services, jobs runner, GPU, disks and the sprint.",
+                   icon="✅")
+
+    runner = health.runner
+    runner_col, tick_col, capacity_col, gpu_col = st.columns(4)
+    runner_col.metric("Jobs runner", runner.state, help=runner.problem or f"pid {runner.pid} on {runner.host}")
+    tick_col.metric("Runner's last tick",
+                    f"{views.duration(runner.heartbeat_age)} ago" if runner.heartbeat_at else "-",
+                    help=f"The runner heartbeats every {ops_view.HOST_HEARTBEAT_SECONDS:g}s; "
+                         f"down after {ops_view.RUNNER_STALE_SECONDS:g}s without one")
+    capacity_col.metric("Capacity used", f"{health.capacity_used}/{health.capacity_total}",
+                        help="Open runs claimed by this host / dispatch.max_in_progress")
+    gpu_col.metric("GPU", "zombies!" if health.zombies else ("ok" if health.gpu_available else "no NVML"),
+                   help=health.gpu_summary)
+    st.caption(f"GPU: {views.md_escape(health.gpu_summary)}")
+
+    if health.services:
+        st.markdown("**Services** · " + " · ".join(
+            f"{s.icon} {views.md_escape(s.name)} {s.status.replace('_', ' ')}" for s in health.services),
+            help="\n\n".join(views.md_escape(f"{s.name} ({s.check}): {s.detail}") for s in health.services))
+    else:
+        st.caption("No service is watched on this host.")
+    disks = " · ".join(f"{u.path} {u.percent:.0f}%" if u.error is None else u.error for u in health.disks)
+    review = (f"last review {views.duration(health.now - health.review_at)} ago"
+              if health.review_at else "no sprint review yet")
+    st.caption(f"Disks: {views.md_escape(disks) or '-'} (threshold {health.disk_threshold:g}%) · "
+               f"{review}" + ("" if health.review_fresh or not health.review_at
+                              else " (too old to judge stuck signals; is the runner up?)"))
+
+
 @st.fragment(run_every=page.REFRESH_SECONDS)
 def overview() -> None:
     with page.guard():
+        health = ops_view.health(ctx)
         stats = data.board_stats(ctx.store.board)
         runs = data.active_runs(ctx.store.board)
         events = data.recent_events(ctx.store.board)
+        alerts = ops_view.recent_alerts(ctx.store.ops, limit=10)
+        boundaries = ops_view.boundaries(ctx.store.ops)[:5]
+
+    show_health(health)
 
     st.subheader("Board")
     statuses = [s for s in Status if s != Status.ARCHIVED]
@@ -38,6 +81,20 @@ def overview() -> None:
         st.dataframe(views.runs_frame(runs, stats["now"]), hide_index=True)
     else:
         st.caption("No run in progress.")
+
+    alerts_col, phases_col = st.columns(2)
+    with alerts_col:
+        st.subheader("Recent alerts")
+        if alerts:
+            st.dataframe(ops_view.alerts_frame(alerts)[["time", "level", "title", "outcome"]], hide_index=True)
+        else:
+            st.caption("No alert yet.")
+    with phases_col:
+        st.subheader("Phase boundaries")
+        if boundaries:
+            st.dataframe(ops_view.boundaries_frame(boundaries), hide_index=True)
+        else:
+            st.caption("No phase finished yet.")
 
     st.subheader("Recent events")
     if events:

@@ -8,6 +8,7 @@ confirms. Nothing here changes anything.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,8 @@ def _service(states: dict, specs: dict, name: str, key: str, title: str, fix: st
     if spec is None or not spec.enabled:
         return Diagnosis("none", title, None, [f"service {name} is not watched here"])
     happening = state is not None and state.status in ("down", "gave_up", "restarting")
-    evidence = [f"{name}: {state.status} since {state.since} ({state.detail})" if state else f"{name}: not checked yet"]
+    since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(state.since)) if state else ""
+    evidence = [f"{name}: {state.status} since {since} ({state.detail})" if state else f"{name}: not checked yet"]
     preview = [f"would run {list(spec.restart_argv)}"] if spec.restart_argv else \
         [f"services.{name}.restart_argv is not configured: nothing to run"]
     return Diagnosis(f"restart.{name}", title, happening, evidence, fix, preview, name)
