@@ -1,0 +1,88 @@
+"""The GPU: devices and processes now, the stored history, and the vLLM server."""
+
+import time
+
+import streamlit as st
+
+from sparkops import actions
+from sparkops.ui import data, page, views
+from sparkops.ui import review_view as rv
+
+ctx = page.start("GPU")
+st.title("GPU")
+page.security_banner(ctx)
+job_ctx = data.job_context(ctx)
+
+if st.button("Sample now", help="Store one sample per GPU now (the gpu-sample job), for the history"):
+    result = actions.run_job_now(job_ctx, page.actor(), "gpu-sample", **rv.sample_options())
+    rv.forget()
+    page.show_result(result)
+
+
+@st.fragment(run_every=page.REFRESH_SECONDS)
+def devices_now() -> None:
+    snapshot = rv.gpu_snapshot()
+    if not snapshot.available:
+        st.info(f"**No GPU data.** {snapshot.reason}", icon="ℹ️")
+        return
+    st.caption(f"{snapshot.reason} · driver {snapshot.driver_version or '?'} · "
+               f"read {views.when(int(snapshot.taken_at))}; refreshes every {page.REFRESH_SECONDS}s")
+    for device in snapshot.devices:
+        st.subheader(rv.device_title(device))
+        for column, (label, value, help_) in zip(st.columns(4), rv.device_tiles(device)):
+            column.metric(label, value, help=help_)
+        for note in device.notes:
+            st.caption(note)
+    st.subheader("Processes")
+    if snapshot.processes:
+        st.dataframe(rv.processes_frame(snapshot), hide_index=True)
+    else:
+        st.caption("No process uses a GPU.")
+
+
+@st.fragment(run_every=rv.SLOW_REFRESH_SECONDS)
+def history() -> None:
+    st.subheader("History")
+    hours = st.selectbox("Range", rv.HISTORY_HOURS, index=rv.HISTORY_HOURS.index(rv.DEFAULT_HISTORY_HOURS),
+                         format_func=rv.hours_label,
+                         key="gpu_history_hours")
+    with page.guard():
+        frame = rv.gpu_history(ctx.store.ops, job_ctx.host, hours)
+    if frame.empty:
+        st.caption(f"No GPU sample of {job_ctx.host} in the last {rv.hours_label(hours)}. The runner "
+                   f"stores one every {ctx.settings['gpu.sample_interval_seconds']:g}s; "
+                   "**Sample now** stores one.")
+        return
+    left, right = st.columns(2)
+    left.altair_chart(rv.utilization_chart(frame), width="stretch")
+    right.altair_chart(rv.memory_chart(frame), width="stretch")
+
+
+@st.fragment(run_every=page.REFRESH_SECONDS)
+def vllm() -> None:
+    st.subheader("vLLM")
+    specs = rv.vllm_services(ctx.settings)
+    if not specs:
+        st.caption("No vLLM service is configured (services.NAME.check = \"vllm\").")
+        return
+    with page.guard():
+        states = rv.service_states(ctx.store.ops, job_ctx.host)
+    now = time.time()
+    for spec in specs:
+        st.markdown(f"**{views.md_escape(spec.name)}** · `{spec.url}`")
+        state = states.get(spec.name)
+        if state is None:
+            st.caption(f"Not checked yet: the watchdog checks it every "
+                       f"{ctx.settings['watchdog.interval_seconds']:g}s.")
+            continue
+        st.markdown(rv.vllm_status_line(state, now))
+        if state.detail:
+            st.caption(views.md_escape(state.detail))
+        for column, (label, value) in zip(st.columns(4), rv.vllm_tiles(state)):
+            column.metric(label, value)
+        st.markdown(f"Models: {rv.vllm_models(state)}")
+
+
+devices_now()
+history()
+vllm()
