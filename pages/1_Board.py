@@ -84,12 +84,12 @@ text = text_col.text_input("Filter", placeholder="words in the title, or a task 
 show_archived = archived_col.toggle("Archived", value=False)
 
 with page.guard():
-    all_tasks = bv.tasks(ctx.store.board, include_archived=show_archived)
+    options = bv.board_options(ctx.store.board, include_archived=show_archived)
     phase_of = bv.phase_map(ctx)
 
-assignee = assignee_col.selectbox("Assignee", [ALL, *views.assignees(all_tasks)])
-phase = phase_col.selectbox("Phase", [bv.ANY, *bv.phase_names(phase_of, all_tasks)])
-priority = priority_col.selectbox("Priority", [bv.ANY, *bv.priorities(all_tasks)])
+assignee = assignee_col.selectbox("Assignee", [ALL, *options["assignees"]])
+phase = phase_col.selectbox("Phase", [bv.ANY, *bv.phase_names(phase_of)])
+priority = priority_col.selectbox("Priority", [bv.ANY, *options["priorities"]])
 filters = {
     "text": text,
     "assignee": None if assignee == ALL else assignee,
@@ -107,9 +107,12 @@ with (st.expander("➕ New task", expanded=created is not None and not created.o
     left, right = st.columns(2)
     left.text_input("Assignee", key="board_new_assignee", placeholder="e.g. builder")
     right.number_input("Priority", key="board_new_priority", step=1)
-    titles = {t["id"]: t["title"] for t in all_tasks if t["status"] != "archived"}
+    with page.guard():
+        titles = bv.open_tasks(ctx.store.board)
     st.multiselect("Parents", list(titles), key="board_new_parents",
-                   format_func=lambda i: f"{i} · {titles.get(i, '')[:60]}")
+                   format_func=lambda i: f"{i} · {titles.get(i, '')[:60]}",
+                   help=f"The newest {bv.PARENT_CHOICES} open tasks; link any other with "
+                        "`python -m sparkops task link PARENT CHILD`.")
     st.form_submit_button("Create task", on_click=_create, type="primary")
 if created is not None:
     page.show_result(created)
@@ -183,7 +186,7 @@ def detail_view(task_id: str) -> None:
                 st.text(task["last_failure_error"])
             if task.get("workspace_path"):
                 st.markdown(f"**Workspace** `{task['workspace_path']}`")
-            by_id = {t["id"]: t for t in bv.tasks(ctx.store.board, include_archived=True)}
+            by_id = bv.titles(ctx.store.board, detail["parents"] + detail["children"])
             parents_col, children_col = st.columns(2)
             with parents_col:
                 st.markdown("**Parents**")
@@ -240,23 +243,24 @@ if open_id:
 @st.fragment(run_every=page.REFRESH_SECONDS)
 def board(filters: dict, show_archived: bool) -> None:
     with page.guard():
-        tasks = bv.tasks(ctx.store.board, include_archived=show_archived)
         phase_of = bv.phase_map(ctx)
+        shown = bv.board_slice(ctx.store.board, filters, show_archived=show_archived, phase_of=phase_of,
+                               per_status=MAX_CARDS)
     now = epoch()
-    shown = bv.filter_board(tasks, phase_of=phase_of, **filters)
-    st.caption(f"{len(shown)} of {len(tasks)} tasks")
-    columns = views.board_columns(shown, show_archived=show_archived)
-    for column, (status, items) in zip(st.columns(len(columns)), columns):
+    st.caption(f"{shown.matched:,} of {shown.total:,} tasks")
+    statuses = views.board_statuses(shown.counts, show_archived=show_archived)
+    for column, status in zip(st.columns(len(statuses)), statuses):
+        count, items = shown.counts.get(status, 0), shown.cards.get(status, [])
         with column:
-            st.markdown(f"**{views.status_label(status)}** · {len(items)}")
-            for task in items[:MAX_CARDS]:
+            st.markdown(f"**{views.status_label(status)}** · {count:,}")
+            for task in items:
                 with st.container(border=True):
                     st.markdown(bv.card_markdown(task, now, phase_of.get(task["id"], (None,))[0]))
                     if st.button("Open", key=f"open_{task['id']}", width="stretch"):
                         st.session_state[OPEN_KEY] = task["id"]
                         st.rerun()
-            if len(items) > MAX_CARDS:
-                st.caption(f"and {len(items) - MAX_CARDS} more; narrow the filter")
+            if count > len(items):
+                st.caption(f"and {count - len(items):,} more; narrow the filter")
 
 
 board(filters, show_archived)

@@ -27,18 +27,25 @@ task_text = task_col.text_input("Task", key="runs_task", placeholder="a task id 
 with page.guard():
     recent = bv.runs(db, limit=limit)
     live = bv.runs(db, active_only=True, limit=LIVE_LIMIT)
-    titles = {t["id"]: t["title"] for t in bv.tasks(db, include_archived=True)}
 
 outcome = outcome_col.selectbox("Outcome", [bv.ANY, bv.OPEN, *bv.outcomes(recent)], key="runs_outcome")
 
 
-def _split(live_runs: list[dict], recent_runs: list[dict], filters: dict) -> tuple[list[dict], list[dict]]:
+def _titles(*runs: list[dict]) -> dict[str, str]:
+    """The titles of these runs' tasks."""
+    found = bv.titles(db, (r["task_id"] for some in runs for r in some))
+    return {task_id: row["title"] for task_id, row in found.items()}
+
+
+def _split(live_runs: list[dict], recent_runs: list[dict], filters: dict,
+           titles: dict[str, str]) -> tuple[list[dict], list[dict]]:
     """(open runs, ended runs), each filtered, newest first."""
     past = [r for r in recent_runs if r.get("ended_at") is not None]
-    return bv.filter_runs(live_runs, **filters), bv.filter_runs(past, **filters)
+    return (bv.filter_runs(live_runs, titles=titles, **filters),
+            bv.filter_runs(past, titles=titles, **filters))
 
 
-filters = {"outcome": None if outcome == bv.ANY else outcome, "task_text": task_text, "titles": titles}
+filters = {"outcome": None if outcome == bv.ANY else outcome, "task_text": task_text}
 
 
 @st.fragment(run_every=page.REFRESH_SECONDS)
@@ -50,11 +57,12 @@ def tables(filters: dict, limit: int) -> None:
         st.markdown("No run yet. Runs appear here once the dispatcher (or Hermes) claims a ready task.")
         return
     now = epoch()
-    open_runs, past = _split(live_now, recent_now, filters)
+    titles_now = _titles(live_now, recent_now)
+    open_runs, past = _split(live_now, recent_now, filters, titles_now)
     st.subheader(f"Live runs · {len(open_runs)}")
-    st.dataframe(bv.runs_frame(open_runs, now, filters["titles"]), hide_index=True)
+    st.dataframe(bv.runs_frame(open_runs, now, titles_now), hide_index=True)
     st.subheader(f"Past runs · {len(past)}")
-    st.dataframe(bv.runs_frame(past, now, filters["titles"]), hide_index=True)
+    st.dataframe(bv.runs_frame(past, now, titles_now), hide_index=True)
     st.caption(f"Past runs among the last {limit}; updated {views.when(now)}, "
                f"refreshes every {page.REFRESH_SECONDS}s.")
 
@@ -64,7 +72,8 @@ if not live and not recent:
     st.stop()
 
 st.subheader("Log")
-open_runs, past = _split(live, recent, filters)
+titles = _titles(live, recent)
+open_runs, past = _split(live, recent, filters, titles)
 choices = {r["id"]: r for r in [*open_runs, *past]}
 pick_col, lines_col = st.columns([4, 1], vertical_alignment="bottom")
 run_id = pick_col.selectbox(

@@ -19,12 +19,14 @@ and, with ``review.promote_next_phase``, promotes the next phase's ``todo`` task
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
+import pandas as pd
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -40,8 +42,7 @@ log = logging.getLogger(__name__)
 _NUMBERED = re.compile(r"^P(\d+)$")
 
 
-@dataclass(frozen=True)
-class PhaseOf:
+class PhaseOf(NamedTuple):  # a tuple: 100,000 of them are made per resolve
     phase: str
     source: str  # explicit | tag | depth
 
@@ -61,7 +62,12 @@ class Boundary:
 
 def normalise(name: str) -> str:
     """``2``, ``p2``, ``P02`` -> ``P2``; other names are kept (stripped)."""
-    name = str(name).strip()
+    return _normalise(str(name))
+
+
+@functools.lru_cache(maxsize=4096)  # a board has few distinct tags: resolve() calls this per task
+def _normalise(name: str) -> str:
+    name = name.strip()
     if not name:
         raise InvalidInput("a phase needs a name, e.g. P2")
     digits = re.fullmatch(r"[Pp]?0*(\d+)", name)
@@ -143,26 +149,27 @@ def _tag(title: str, compiled: list[re.Pattern]) -> str | None:
 
 
 def dependency_depths(ids: list[str], links: Iterable[tuple[str, str]]) -> dict[str, int]:
-    """1 for a task without parents, else 1 + its deepest parent (cycles, which the
-    board refuses, would be cut rather than loop)."""
-    parents: dict[str, list[str]] = {}
+    """1 for a task without parents, else 1 + its deepest parent.
+
+    Kahn's topological order over the linked tasks, O(tasks + links); the tasks of a
+    cycle (which the board refuses) keep the depth their other parents give them
+    rather than loop.
+    """
+    depth = dict.fromkeys(ids, 1)
+    children: dict[str, list[str]] = {}
+    waiting: dict[str, int] = {}  # parents not yet placed, per child
     for parent, child in links:
-        parents.setdefault(child, []).append(parent)
-    depth: dict[str, int] = {}
-    for start in ids:
-        if start in depth:
-            continue
-        stack, on_path = [start], {start}
-        while stack:
-            node = stack[-1]
-            pending = [p for p in parents.get(node, ()) if p not in depth and p not in on_path]
-            if pending:
-                stack.extend(pending)
-                on_path.update(pending)
-                continue
-            stack.pop()
-            on_path.discard(node)
-            depth[node] = 1 + max((depth[p] for p in parents.get(node, ()) if p in depth), default=0)
+        children.setdefault(parent, []).append(child)
+        waiting[child] = waiting.get(child, 0) + 1
+    ready = [node for node in children if node not in waiting]
+    for node in ready:  # grows while it is walked
+        below = depth.setdefault(node, 1) + 1
+        for child in children.get(node, ()):
+            if depth.get(child, 1) < below:
+                depth[child] = below
+            waiting[child] -= 1
+            if not waiting[child]:
+                ready.append(child)
     return depth
 
 
@@ -170,28 +177,28 @@ def summary(board_db: Database, mapping: Mapping[str, PhaseOf]) -> list[dict[str
     """Per phase, in order: total, done, archived, open, blocked, running, first created,
     last completed."""
     with board_db.read() as conn:
-        rows = conn.execute(select(tasks.c.id, tasks.c.status, tasks.c.created_at, tasks.c.completed_at)).all()
-    phases: dict[str, dict[str, Any]] = {}
-    for task_id, status, created, completed in rows:
-        phase = mapping[task_id].phase if task_id in mapping else "(none)"
-        entry = phases.setdefault(phase, {"phase": phase, "total": 0, "done": 0, "archived": 0, "open": 0,
-                                          "blocked": 0, "running": 0, "first_created_at": None,
-                                          "last_completed_at": None})
-        entry["total"] += 1
-        if status == Status.DONE:
-            entry["done"] += 1
-        elif status == Status.ARCHIVED:
-            entry["archived"] += 1
-        else:
-            entry["open"] += 1
-        if status == Status.BLOCKED:
-            entry["blocked"] += 1
-        if status == Status.RUNNING:
-            entry["running"] += 1
-        entry["first_created_at"] = min(x for x in (entry["first_created_at"], created) if x is not None)
-        if completed is not None:
-            entry["last_completed_at"] = max(x for x in (entry["last_completed_at"], completed) if x is not None)
-    return [phases[p] for p in sorted(phases, key=order_key)]
+        rows = [tuple(r) for r in conn.execute(
+            select(tasks.c.id, tasks.c.status, tasks.c.created_at, tasks.c.completed_at))]
+    frame = pd.DataFrame(rows, columns=["id", "status", "created_at", "completed_at"])
+    frame["phase"] = frame["id"].map({t: p.phase for t, p in mapping.items()}).fillna("(none)")
+    for name, status in (("done", Status.DONE), ("archived", Status.ARCHIVED), ("blocked", Status.BLOCKED),
+                         ("running", Status.RUNNING)):
+        frame[name] = frame["status"] == status
+    frame["open"] = ~(frame["done"] | frame["archived"])
+    grouped = frame.groupby("phase").agg(
+        total=("id", "size"), done=("done", "sum"), archived=("archived", "sum"), open=("open", "sum"),
+        blocked=("blocked", "sum"), running=("running", "sum"), first_created_at=("created_at", "min"),
+        last_completed_at=("completed_at", "max"))
+    result = []
+    for phase in sorted(grouped.index, key=order_key):
+        row = grouped.loc[phase]
+        entry: dict[str, Any] = {"phase": phase}
+        for column in ("total", "done", "archived", "open", "blocked", "running"):
+            entry[column] = int(row[column])
+        for column in ("first_created_at", "last_completed_at"):
+            entry[column] = None if pd.isna(row[column]) else int(row[column])
+        result.append(entry)
+    return result
 
 
 # -- boundaries ------------------------------------------------------------------------------

@@ -7,15 +7,19 @@ names (JSON columns decoded), ready for the CLI's ``--json``, pandas and the pag
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from sparkops.board import FINISHED, Status
 from sparkops.clock import epoch
 from sparkops.db import Database
 from sparkops.errors import InvalidInput, NotFound
 from sparkops.schema import task_comments, task_events, task_links, task_runs, tasks
+
+#: How the board's filters and pages name "no assignee".
+UNASSIGNED = "(unassigned)"
 
 TASK_LIST_COLUMNS = (
     "id", "title", "assignee", "status", "priority", "created_by", "created_at",
@@ -56,7 +60,102 @@ def list_tasks(db: Database, *, status: str | None = None, assignee: str | None 
     if limit:
         query = query.limit(limit)
     with db.read() as conn:
-        return [dict(r._mapping) for r in conn.execute(query)]
+        return _dicts(conn.execute(query))
+
+
+def _dicts(result) -> list[dict[str, Any]]:
+    """Rows as dicts; zip with the keys once is ~3x faster than ``row._mapping`` per row,
+    which matters on a 100,000-task board."""
+    keys = list(result.keys())
+    return [dict(zip(keys, row)) for row in result]
+
+
+@dataclass(frozen=True)
+class BoardSlice:
+    """What the board page shows: per status, how many tasks match and the first
+    ``per_status`` of them (board order), without loading the whole board."""
+
+    counts: dict[str, int]
+    cards: dict[str, list[dict[str, Any]]]
+    matched: int
+    total: int
+
+
+def board_slice(db: Database, *, text: str = "", assignee: str | None = None, priority: int | None = None,
+                include_archived: bool = False, keep: Callable[[str], bool] | None = None,
+                per_status: int = 50) -> BoardSlice:
+    """Tasks matching the filters, counted per status, with the first ``per_status``
+    of each status in full.
+
+    ``text`` matches the title or the id (any case), ``assignee`` ``"(unassigned)"``
+    means none, ``keep`` is a filter on task ids done here (the phase, which is not a
+    column). Only ids and statuses of the matching tasks are read; full rows only for
+    the cards, so a 100,000-task board costs one narrow scan.
+    """
+    where = [] if include_archived else [tasks.c.status != Status.ARCHIVED]
+    needle = (text or "").strip()
+    if needle:
+        pattern = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where.append(or_(tasks.c.title.ilike(pattern, escape="\\"), tasks.c.id.ilike(pattern, escape="\\")))
+    if assignee is not None:
+        where.append(or_(tasks.c.assignee.is_(None), tasks.c.assignee == "") if assignee == UNASSIGNED
+                     else tasks.c.assignee == assignee)
+    if priority is not None:
+        where.append(func.coalesce(tasks.c.priority, 0) == priority)
+    order = (tasks.c.priority.desc(), tasks.c.created_at, tasks.c.id)
+    with db.read() as conn:
+        total_query = select(func.count()).select_from(tasks)
+        if not include_archived:
+            total_query = total_query.where(tasks.c.status != Status.ARCHIVED)
+        total = conn.execute(total_query).scalar_one()
+        counts: dict[str, int] = {}
+        first: dict[str, list[str]] = {}
+        for task_id, status in conn.execute(select(tasks.c.id, tasks.c.status).where(*where).order_by(*order)):
+            if keep is not None and not keep(task_id):
+                continue
+            counts[status] = counts.get(status, 0) + 1
+            if counts[status] <= per_status:
+                first.setdefault(status, []).append(task_id)
+        wanted = [i for ids in first.values() for i in ids]
+        rows: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            query = select(*[tasks.c[name] for name in TASK_LIST_COLUMNS]).where(tasks.c.id.in_(chunk))
+            rows.update((r["id"], r) for r in _dicts(conn.execute(query)))
+    cards = {status: [rows[i] for i in ids if i in rows] for status, ids in first.items()}
+    return BoardSlice(counts, cards, sum(counts.values()), total)
+
+
+def board_options(db: Database, *, include_archived: bool = False) -> dict[str, list[Any]]:
+    """The assignees and priorities present, for the board's filters."""
+    where = [] if include_archived else [tasks.c.status != Status.ARCHIVED]
+    with db.read() as conn:
+        assignees = [a for (a,) in conn.execute(select(tasks.c.assignee).where(*where).distinct())]
+        priorities = [p for (p,) in conn.execute(
+            select(func.coalesce(tasks.c.priority, 0)).where(*where).distinct())]
+    names = sorted(a for a in assignees if a)
+    return {"assignees": names + ([UNASSIGNED] if None in assignees or "" in assignees else []),
+            "priorities": sorted(set(priorities), reverse=True)}
+
+
+def open_tasks(db: Database, *, limit: int = 500) -> list[dict[str, Any]]:
+    """The newest tasks that are neither done nor archived: id and title."""
+    query = (select(tasks.c.id, tasks.c.title).where(tasks.c.status.notin_(list(FINISHED)))
+             .order_by(tasks.c.created_at.desc(), tasks.c.id).limit(limit))
+    with db.read() as conn:
+        return _dicts(conn.execute(query))
+
+
+def titles(db: Database, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{id: {"id", "title", "status"}}`` for these tasks (the ones that exist)."""
+    ids = list(dict.fromkeys(ids))
+    found: dict[str, dict[str, Any]] = {}
+    with db.read() as conn:
+        for start in range(0, len(ids), 500):
+            query = (select(tasks.c.id, tasks.c.title, tasks.c.status)
+                     .where(tasks.c.id.in_(ids[start:start + 500])))
+            found.update((r["id"], r) for r in _dicts(conn.execute(query)))
+    return found
 
 
 def get_task(db: Database, task_id: str) -> dict[str, Any]:

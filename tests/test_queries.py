@@ -66,3 +66,40 @@ def test_detail_decodes_json(store, populated):
     detail = queries.task_detail(store.board, populated["high"])
     assert detail["runs"][0]["metadata"] == {"files": ["a.py"]}
     assert detail["events"][0]["payload"]["status"] == "ready"
+
+
+def test_board_slice_counts_every_match_and_returns_the_first_cards(store):
+    for n in range(7):
+        board.create_task(store.board, f"todo {n}", priority=n % 2, now=NOW + n)
+    top = board.create_task(store.board, "100% done_ish", assignee="b", priority=9, now=NOW + 50)
+    nobody = board.create_task(store.board, "nobody's", now=NOW + 60)
+    gone = board.create_task(store.board, "gone", now=NOW + 70)
+    board.archive(store.board, gone, now=NOW + 71)
+
+    whole = queries.board_slice(store.board, per_status=3)
+    assert whole.total == 9 and whole.matched == 9
+    assert whole.counts == {"ready": 9}
+    # board order, cut at three: priority first, then age
+    assert [t["title"] for t in whole.cards["ready"]] == ["100% done_ish", "todo 1", "todo 3"]
+
+    # % and _ are literal, any case; an id matches too
+    assert [t["id"] for t in queries.board_slice(store.board, text="0% DONE_").cards["ready"]] == [top]
+    assert queries.board_slice(store.board, text="0%_").matched == 0
+    assert queries.board_slice(store.board, text=nobody[2:]).cards["ready"][0]["id"] == nobody
+    assert queries.board_slice(store.board, assignee="b").matched == 1
+    assert queries.board_slice(store.board, assignee=queries.UNASSIGNED).matched == 8
+    assert queries.board_slice(store.board, priority=1).matched == 3
+    assert queries.board_slice(store.board, keep={top, gone}.__contains__).matched == 1
+    archived = queries.board_slice(store.board, include_archived=True, keep={top, gone}.__contains__)
+    assert archived.counts == {"ready": 1, "archived": 1} and archived.total == 10
+
+
+def test_board_options_titles_and_open_tasks(store, populated):
+    assert queries.board_options(store.board) == {"assignees": ["a", "b"], "priorities": [5, 0]}
+    assert queries.board_options(store.board, include_archived=True)["assignees"] == ["a", "b", "(unassigned)"]
+    found = queries.titles(store.board, [populated["high"], "t_missing", populated["gone"]])
+    assert {k: (v["title"], v["status"]) for k, v in found.items()} == {
+        populated["high"]: ("high", "running"), populated["gone"]: ("gone", "archived")}
+    board.complete(store.board, populated["high"], run_id=populated["run"], now=NOW + 50)
+    assert [t["title"] for t in queries.open_tasks(store.board)] == ["low new", "low old"]
+    assert len(queries.open_tasks(store.board, limit=1)) == 1

@@ -25,6 +25,11 @@ from sparkops.db import Database
 from sparkops.ui import views
 from sparkops.ui.data import READ_TTL_SECONDS, AppContext
 
+#: Seconds the phase map is kept (explicit phases, title tags and dependency depth
+#: change rarely; resolving them reads every task and link).
+PHASE_TTL_SECONDS = 30
+#: The new-task form offers this many of the newest open tasks as parents.
+PARENT_CHOICES = 500
 #: Lines of a run log shown by default.
 LOG_TAIL_LINES = 100
 #: At most this much of the end of a log is read to find those lines.
@@ -40,9 +45,29 @@ _RESULT_KEY = "sparkops_board_result"
 # -- cached reads --------------------------------------------------------------------------
 
 
-def tasks(db: Database, *, include_archived: bool = False) -> list[dict[str, Any]]:
-    """Tasks in board order (priority, then age)."""
-    return _tasks(db, db.url, include_archived)
+def board_slice(db: Database, filters: Mapping[str, Any], *, show_archived: bool, phase_of: Mapping[str, tuple[str, str]],
+                per_status: int) -> queries.BoardSlice:
+    """The board's columns for these filters (text, assignee, phase, priority):
+    counts per status and the first ``per_status`` cards of each."""
+    phase = filters.get("phase")
+    ids = frozenset(t for t, (p, _source) in phase_of.items() if p == phase) if phase is not None else None
+    return _board_slice(db, db.url, filters.get("text") or "", filters.get("assignee"), filters.get("priority"),
+                        show_archived, ids, per_status)
+
+
+def board_options(db: Database, *, include_archived: bool = False) -> dict[str, list[Any]]:
+    """``{"assignees": [...], "priorities": [...]}`` present on the board."""
+    return _board_options(db, db.url, include_archived)
+
+
+def titles(db: Database, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{id: {"id", "title", "status"}}`` for these tasks."""
+    return _titles(db, db.url, tuple(sorted(set(ids))))
+
+
+def open_tasks(db: Database) -> dict[str, str]:
+    """``{id: title}`` of the newest :data:`PARENT_CHOICES` open tasks (the new-task form's parents)."""
+    return _open_tasks(db, db.url)
 
 
 def task_detail(db: Database, task_id: str) -> dict[str, Any]:
@@ -51,7 +76,8 @@ def task_detail(db: Database, task_id: str) -> dict[str, Any]:
 
 
 def phase_map(ctx: AppContext) -> dict[str, tuple[str, str]]:
-    """``{task_id: (phase, source)}`` from :func:`sparkops.phases.resolve`."""
+    """``{task_id: (phase, source)}`` from :func:`sparkops.phases.resolve`, kept
+    :data:`PHASE_TTL_SECONDS` (phases move slowly; resolving reads every task)."""
     board, ops = ctx.store.board, ctx.store.ops
     patterns = tuple(ctx.settings["review.phase_patterns"])
     return _phase_map(board, ops, board.url, ops.url, patterns)
@@ -69,15 +95,33 @@ def task_runs(db: Database, task_id: str) -> list[dict[str, Any]]:
 
 def forget() -> None:
     """Drop the cached reads of this module (after a write)."""
-    for fn in (_tasks, _task_detail, _phase_map, _runs, _task_runs):
+    for fn in (_board_slice, _board_options, _titles, _open_tasks, _task_detail, _phase_map, _runs, _task_runs):
         fn.clear()
 
 
 # Leading underscores: Streamlit does not hash those arguments; the URL is the key.
 
 @st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
-def _tasks(_db: Database, url: str, include_archived: bool) -> list[dict[str, Any]]:
-    return queries.list_tasks(_db, include_archived=include_archived)
+def _board_slice(_db: Database, url: str, text: str, assignee: str | None, priority: int | None,
+                 include_archived: bool, ids: frozenset[str] | None, per_status: int) -> queries.BoardSlice:
+    return queries.board_slice(_db, text=text, assignee=assignee, priority=priority,
+                               include_archived=include_archived,
+                               keep=None if ids is None else ids.__contains__, per_status=per_status)
+
+
+@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+def _board_options(_db: Database, url: str, include_archived: bool) -> dict[str, list[Any]]:
+    return queries.board_options(_db, include_archived=include_archived)
+
+
+@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+def _titles(_db: Database, url: str, ids: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    return queries.titles(_db, ids)
+
+
+@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+def _open_tasks(_db: Database, url: str) -> dict[str, str]:
+    return {t["id"]: t["title"] for t in queries.open_tasks(_db, limit=PARENT_CHOICES)}
 
 
 @st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
@@ -85,7 +129,7 @@ def _task_detail(_db: Database, url: str, task_id: str) -> dict[str, Any]:
     return queries.task_detail(_db, task_id)
 
 
-@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+@st.cache_data(ttl=PHASE_TTL_SECONDS, show_spinner=False)
 def _phase_map(_board: Database, _ops: Database, board_url: str, ops_url: str,
                patterns: tuple[str, ...]) -> dict[str, tuple[str, str]]:
     return {task_id: (p.phase, p.source)
@@ -122,27 +166,9 @@ def pending_result(where: str) -> Any | None:
 # -- the board ---------------------------------------------------------------------------------
 
 
-def phase_names(phase_of: Mapping[str, tuple[str, str]], tasks_: Iterable[dict[str, Any]]) -> list[str]:
-    """The phases of these tasks, in phase order (P1, P2, ..., then named ones)."""
-    names = {phase_of[t["id"]][0] for t in tasks_ if t["id"] in phase_of}
-    return sorted(names, key=phases_mod.order_key)
-
-
-def priorities(tasks_: Iterable[dict[str, Any]]) -> list[int]:
-    """The priorities present, highest first."""
-    return sorted({int(t.get("priority") or 0) for t in tasks_}, reverse=True)
-
-
-def filter_board(tasks_: Iterable[dict[str, Any]], *, text: str = "", assignee: str | None = None,
-                 phase: str | None = None, priority: int | None = None,
-                 phase_of: Mapping[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
-    """:func:`views.filter_tasks` (text, assignee), then the phase and priority when given."""
-    kept = views.filter_tasks(tasks_, text=text, assignee=assignee)
-    if phase is not None:
-        kept = [t for t in kept if (phase_of or {}).get(t["id"], (None,))[0] == phase]
-    if priority is not None:
-        kept = [t for t in kept if int(t.get("priority") or 0) == priority]
-    return kept
+def phase_names(phase_of: Mapping[str, tuple[str, str]]) -> list[str]:
+    """The phases on the board, in phase order (P1, P2, ..., then named ones)."""
+    return sorted({phase for phase, _source in phase_of.values()}, key=phases_mod.order_key)
 
 
 def card_markdown(task: dict[str, Any], now: int, phase: str | None) -> str:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
+from sparkops import queries
 from sparkops.board import Status
 
 #: Kanban columns, left to right. Those in :data:`SHOWN_WHEN_EMPTY` are always
@@ -28,7 +29,7 @@ STATUS_ICON = {
     "blocked": "⛔", "review": "🔍", "done": "✅", "archived": "🗄️",
 }
 
-UNASSIGNED = "(unassigned)"
+UNASSIGNED = queries.UNASSIGNED
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
 
@@ -104,41 +105,13 @@ def _details(payload: Any) -> str:
 # -- the kanban board -----------------------------------------------------------------------
 
 
-def assignees(tasks: Iterable[dict[str, Any]]) -> list[str]:
-    """The assignees present, sorted, with ``(unassigned)`` last when there is one."""
-    names = {t.get("assignee") or UNASSIGNED for t in tasks}
-    return sorted(names - {UNASSIGNED}) + ([UNASSIGNED] if UNASSIGNED in names else [])
-
-
-def filter_tasks(tasks: Iterable[dict[str, Any]], *, text: str = "",
-                 assignee: str | None = None) -> list[dict[str, Any]]:
-    """Tasks whose title or id contains ``text`` (any case) and, when
-    ``assignee`` is given, assigned to it (``(unassigned)`` for none)."""
-    needle = (text or "").strip().lower()
-    kept = []
-    for task in tasks:
-        if needle and needle not in task["title"].lower() and needle not in task["id"].lower():
-            continue
-        if assignee is not None and (task.get("assignee") or UNASSIGNED) != assignee:
-            continue
-        kept.append(task)
-    return kept
-
-
-def board_columns(tasks: Iterable[dict[str, Any]], *,
-                  show_archived: bool = False) -> list[tuple[str, list[dict[str, Any]]]]:
-    """``(status, tasks)`` per kanban column, in :data:`BOARD_ORDER`; tasks keep
-    their order (priority, then age)."""
-    by_status: dict[str, list[dict[str, Any]]] = {s.value: [] for s in BOARD_ORDER}
-    for task in tasks:
-        by_status.setdefault(task["status"], []).append(task)
-    columns = []
-    for status, items in by_status.items():
-        if status == Status.ARCHIVED and not show_archived:
-            continue
-        if items or status in SHOWN_WHEN_EMPTY:
-            columns.append((status, items))
-    return columns
+def board_statuses(counts: dict[str, int], *, show_archived: bool = False) -> list[str]:
+    """The kanban columns to show, in :data:`BOARD_ORDER` (then any other status
+    present): the ones with tasks and the ones in :data:`SHOWN_WHEN_EMPTY`."""
+    order = [s.value for s in BOARD_ORDER]
+    order += [s for s in counts if s not in order]
+    return [s for s in order
+            if (s != Status.ARCHIVED or show_archived) and (counts.get(s) or s in SHOWN_WHEN_EMPTY)]
 
 
 def card_markdown(task: dict[str, Any], now: int) -> str:
