@@ -309,6 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         store = open_store(settings)
     except SparkOpsError as err:
+        if args.standby:
+            # Say why in the run's log, not in the void: take the run, then fail it.
+            assignment = wait_for_assignment()
+            if assignment is None:
+                return 1
+            _redirect_output(assignment[2])
         log.error("%s", err)
         return 1
     try:
