@@ -20,6 +20,7 @@ from typing import Sequence
 
 from sqlalchemy.exc import DBAPIError
 
+from sparkops import fleet
 from sparkops.config import Settings, load_settings
 from sparkops.errors import EXIT_USAGE, SparkOpsError
 from sparkops.runner import Runner, RunnerLock, install_stop_handlers, lock_path, new_context
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_stop_handlers(stop)
     try:
         settings = load_settings(args.config)
+        fleet.parse_labels(settings["host.labels"], what="host.labels entry")
         with RunnerLock(lock_path(settings)) as lock:
             try:
                 configure_logging(settings, args.log_level)

@@ -39,6 +39,7 @@ PAGES = [
     ("", "SparkOps", "home"), ("Board", "Board", "board"), ("Runs", "Runs and logs", "runs"),
     ("GPU", "GPU", "gpu"), ("Sprint_review", "Sprint review", "review"), ("Jobs", "Jobs", "jobs"),
     ("Playbook", "Playbook", "playbook"), ("Events", "Events and alerts", "events"),
+    ("Fleet", "Fleet", "fleet"),
 ]
 #: (file name prefix, browser context options)
 VIEWPORTS = [

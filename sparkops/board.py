@@ -24,7 +24,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 from sqlalchemy import and_, bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
@@ -285,7 +285,8 @@ def claim(db: Database, task_id: str, *, lock: str, ttl_seconds: int = DEFAULT_C
 def claim_next(db: Database, *, host: str, lock: str, capacity: int,
                policy: RetryPolicy = RetryPolicy(), workspace_root: str | None = None,
                ttl_seconds: int = DEFAULT_CLAIM_TTL, now: float | None = None,
-               scan: int = 200, deferred: list[float] | None = None) -> Change | None:
+               scan: int = 200, deferred: list[float] | None = None,
+               excluded: Collection[str] = ()) -> Change | None:
     """The dispatcher's claim: the best eligible ``ready`` task, if ``host`` has
     fewer than ``capacity`` open runs. One transaction; None when there is nothing
     to claim (no slot, no eligible task).
@@ -294,21 +295,26 @@ def claim_next(db: Database, *, host: str, lock: str, capacity: int,
     backoff (or the rate-limit cooldown) since its last run has passed. The count
     of open runs and the claim happen in the same transaction, so concurrent
     dispatchers of one host never exceed its capacity. Tasks passed over because
-    their backoff has not run out add the time it does to ``deferred``."""
+    their backoff has not run out add the time it does to ``deferred``; tasks in
+    ``excluded`` (their requirements are not this host's labels) are left alone.
+
+    On PostgreSQL the chosen task is locked ``FOR UPDATE SKIP LOCKED``: dispatchers
+    of other hosts pass over a task one of them is claiming instead of waiting for
+    it, and the claim is decided by that row lock."""
     ts = epoch(now)
     with db.write() as conn:
         db.serialize_claims(conn, host)
         if _open_runs_on(conn, host) >= capacity:
             return None
-        for row in _claim_candidates(conn, scan):
+        for row in _claim_candidates(conn, scan, excluded):
             not_before = policy.not_before(row.consecutive_failures or 0, row.last_outcome,
                                            row.last_end)
             if not_before > ts:
                 if deferred is not None:
                     deferred.append(not_before)
                 continue
-            task = _task_row(conn, row.id)
-            if task.status != Status.READY:
+            task = _lock_ready(conn, row.id)
+            if task is None:  # another host is claiming it, or it moved on
                 continue
             workspace = f"{workspace_root.rstrip('/')}/{task.id}" if workspace_root else None
             run_id = _open_run(conn, task, lock=lock, ttl_seconds=ttl_seconds, now=ts,
@@ -672,6 +678,11 @@ def _open_run(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
     return int(run_id)
 
 
+def host_of_lock(lock: str | None) -> str:
+    """The host of a claim lock ``host:pid`` ("" for none)."""
+    return (lock or "").rpartition(":")[0]
+
+
 def host_lock_pattern(host: str) -> str:
     """A LIKE pattern for the claim locks of ``host`` (``host:pid``), escaped."""
     escaped = host.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -711,9 +722,21 @@ def _open_runs_on(conn: Connection, host: str) -> int:
     return int(conn.execute(_OPEN_RUNS_ON_HOST, {"host_pattern": host_lock_pattern(host)}).scalar() or 0)
 
 
-def _claim_candidates(conn: Connection, limit: int):
+def _claim_candidates(conn: Connection, limit: int, excluded: Collection[str] = ()):
     """Ready tasks with no unfinished parent, best first, with their last run."""
-    return conn.execute(_CLAIM_CANDIDATES, {"scan": limit}).all()
+    if not excluded:
+        return conn.execute(_CLAIM_CANDIDATES, {"scan": limit}).all()
+    return conn.execute(_CLAIM_CANDIDATES.where(tasks.c.id.notin_(bindparam("excluded", expanding=True))),
+                        {"scan": limit, "excluded": sorted(excluded)}).all()
+
+
+def _lock_ready(conn: Connection, task_id: str):
+    """The task's row if it is still ready, locked for this transaction; None when
+    it is not ready or (PostgreSQL) another transaction holds it. SQLite has one
+    writer at a time, so there the plain read is already exclusive."""
+    row = conn.execute(select(tasks).where(tasks.c.id == task_id, tasks.c.status == Status.READY)
+                       .with_for_update(skip_locked=True)).first()
+    return row
 
 
 def _protocol_violation_streak(conn: Connection, task_id: str) -> int:

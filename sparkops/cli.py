@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from sqlalchemy.exc import DBAPIError
 
-from sparkops import __version__, board, queries
+from sparkops import __version__, board, fleet, queries
 from sparkops.config import SETTINGS, Settings, load_secrets, load_settings, mask_url
 from sparkops.errors import InvalidInput, NotFound, SparkOpsError, StorageError
 from sparkops.store import Store, open_store
@@ -79,6 +79,38 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Copy the board (and the ops data) into an empty database, verified."""
+    from sparkops import migrate
+    from sparkops.db import Database
+
+    busy = settings["storage.busy_timeout_ms"]
+    board_from = args.source or settings["storage.board_url"]
+    ops_from = args.ops_source or (None if args.source else settings["storage.ops_url"])
+    ops_to = args.ops_target or args.target
+    pairs = [("board", Database(board_from, role="board", busy_timeout_ms=busy),
+              Database(args.target, role="board", busy_timeout_ms=busy))]
+    if ops_from and not args.board_only:
+        pairs.append(("ops", Database(ops_from, role="ops", busy_timeout_ms=busy),
+                      Database(ops_to, role="ops", busy_timeout_ms=busy)))
+    quiet = getattr(args, "json", False)
+    try:
+        report = migrate.migrate(pairs, progress=(lambda _line: None) if quiet else
+                                 (lambda line: print(line, file=sys.stderr, flush=True)))
+    finally:
+        for _component, source, target in pairs:
+            source.dispose()
+            target.dispose()
+    _emit(args, report.as_dict(), lambda: print(
+        f"Copied {report.rows:,} rows in {len(report.tables)} tables in {report.seconds:.1f}s; "
+        "counts and checksums match.\n"
+        + "".join(f"{c}: {report.source[c]} -> {report.target[c]}\n" for c in report.source)
+        + ("WARNING: the source changed while it was copied (is a jobs runner still running?); "
+           "the copy is its state at the start.\n" if report.source_changed else "")
+        + "Point storage.board_url and storage.ops_url at the target to use it."))
+    return 0
+
+
 def cmd_task_create(args, store: Store) -> int:
     body = args.body
     if args.body_file:
@@ -87,12 +119,15 @@ def cmd_task_create(args, store: Store) -> int:
                 body = fh.read()
         except OSError as exc:
             raise InvalidInput(f"cannot read --body-file {args.body_file}: {exc.strerror}") from exc
+    requirements = fleet.parse_labels(args.require or (), what="--require")  # before anything is written
     task_id = board.create_task(
         store.board, args.title, body=body, assignee=args.assignee, priority=args.priority,
         parents=args.parent or (), triage=args.triage, created_by=args.created_by or _actor(),
         max_runtime_seconds=args.max_runtime, max_retries=args.max_retries,
         idempotency_key=args.idempotency_key,
     )
+    if requirements:
+        fleet.require(store.board, store.ops, task_id, requirements)
     _emit(args, queries.get_task(store.board, task_id) if args.json else None,
           lambda: print(task_id))
     return 0
@@ -232,6 +267,35 @@ def cmd_task_link(args, store: Store) -> int:
     board.link(store.board, args.parent_id, args.child_id)
     _emit(args, {"parent": args.parent_id, "child": args.child_id},
           lambda: print(f"Linked {args.parent_id} -> {args.child_id}"))
+    return 0
+
+
+def cmd_task_require(args, store: Store) -> int:
+    labels = fleet.require(store.board, store.ops, args.task_id, args.labels)
+    _emit(args, {"task": args.task_id, "requires": labels},
+          lambda: print(f"{args.task_id} runs only on hosts labelled: {', '.join(labels)}"))
+    return 0
+
+
+def cmd_task_unrequire(args, store: Store) -> int:
+    queries.get_task(store.board, args.task_id)  # NotFound for a wrong id
+    labels = fleet.unrequire(store.ops, args.task_id, args.labels or None)
+    _emit(args, {"task": args.task_id, "requires": labels},
+          lambda: print(f"{args.task_id} requires: {', '.join(labels) or 'nothing (any host)'}"))
+    return 0
+
+
+def cmd_hosts(args, store: Store) -> int:
+    found = fleet.hosts(store.ops, store.board, timeout_seconds=args.settings["reclaim.heartbeat_timeout_seconds"])
+
+    def text() -> None:
+        if not found:
+            print("(no jobs runner has registered yet)")
+        for h in found:
+            gpus = ", ".join(d.get("name") or "?" for d in h.gpu.get("devices", [])) or "no GPU"
+            print(f"{h.host:<20} {h.state:<8} runs {h.open_runs}/{h.capacity or '?'}  heartbeat {h.heartbeat_age}s ago  "
+                  f"v{h.version or '?'}  {gpus}  {' '.join(h.labels)}")
+    _emit(args, [h.as_dict() for h in found], text)
     return 0
 
 
@@ -532,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-runtime", type=int, metavar="SECONDS")
     p.add_argument("--max-retries", type=int, metavar="N")
     p.add_argument("--idempotency-key")
+    p.add_argument("--require", action="append", metavar="KEY=VALUE",
+                   help="run only on a host with this label (host.labels), e.g. gpu=gb10; repeatable")
 
     p = add(tsub, "list", cmd_task_list, "list tasks (priority, then age)")
     p.add_argument("--status")
@@ -573,6 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="+")
     p.add_argument("--author")
 
+    p = add(tsub, "require", cmd_task_require, "run a task only on hosts with these labels")
+    p.add_argument("task_id")
+    p.add_argument("labels", nargs="+", metavar="KEY=VALUE")
+    p = add(tsub, "unrequire", cmd_task_unrequire, "drop some (or all) of a task's label requirements")
+    p.add_argument("task_id")
+    p.add_argument("labels", nargs="*", metavar="KEY=VALUE")
     p = add(tsub, "link", cmd_task_link, "make CHILD depend on PARENT")
     p.add_argument("parent_id")
     p.add_argument("child_id")
@@ -612,6 +684,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(sub, "review", cmd_review, "write a sprint review report now (phases, metrics, risks, narrative)")
     add(sub, "report", cmd_report, "print the latest sprint review report")
+    p = add(sub, "migrate", cmd_migrate, "copy the board (and the ops data) into an empty database, "
+            "verified by counts and checksums", store=False)
+    p.add_argument("--from", dest="source", metavar="URL",
+                   help="the board to copy (default: storage.board_url)")
+    p.add_argument("--to", dest="target", metavar="URL", required=True,
+                   help="an empty database, e.g. postgresql://sparkops@db.internal/sparkops")
+    p.add_argument("--ops-from", dest="ops_source", metavar="URL",
+                   help="the ops data to copy (default: storage.ops_url, unless --from is given)")
+    p.add_argument("--ops-to", dest="ops_target", metavar="URL", help="where the ops data goes (default: --to)")
+    p.add_argument("--board-only", action="store_true", help="copy the board, not the ops data")
+    add(sub, "hosts", cmd_hosts, "the fleet: every host's runner, state, capacity, open runs, GPUs, labels")
     add(sub, "export", cmd_export, "write the board as CSV and JSON into export.dir (see docs/export.md)")
     p = add(sub, "metrics", cmd_metrics, "sprint metrics over the review window")
     p.add_argument("--hours", type=float, help="the window (default: review.window_hours)")

@@ -135,6 +135,11 @@ SETTINGS: tuple[Setting, ...] = (
         optional=True,
     ),
     Setting(
+        "host.labels", "list", [],
+        "This host's labels, each key=value (e.g. [\"gpu=gb10\", \"zone=lab\"]). A task that "
+        "requires labels (`sparkops task require`) runs only on a host that has them all.",
+    ),
+    Setting(
         "dispatch.mode", "str", "native",
         "native: claim ready tasks and start the worker shim with dispatch.agent_argv; "
         "hermes: run dispatch.hermes_argv (hermes kanban dispatch) for boards served by "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,39 @@ class Database:
             except FileNotFoundError:
                 token.append(None)
         return tuple(token)
+
+    def clock_offset(self) -> float | None:
+        """The database's clock minus this host's, in seconds (PostgreSQL; None for
+        SQLite, whose clock is this host's). Taken at the midpoint of the round trip."""
+        if self.is_sqlite:
+            return None
+        with self.engine.connect() as conn:
+            before = time.time()
+            db_now = float(conn.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar())
+            after = time.time()
+        return db_now - (before + after) / 2
+
+    @contextmanager
+    def fleet_lock(self, name: str) -> Iterator[bool]:
+        """Hold the fleet-wide lock ``name`` for the block, if no other process holds
+        it: yields True when held, False when another host has it.
+
+        PostgreSQL: a session advisory lock on a connection of its own, released when
+        the block ends or, if this process dies, when its connection does. SQLite is
+        one host, whose job locks (flock) already do this: always True."""
+        if self.is_sqlite:
+            yield True
+            return
+        with self.engine.connect() as conn:
+            key = {"key": f"sparkops-fleet:{name}"}
+            held = bool(conn.execute(text("SELECT pg_try_advisory_lock(hashtext(:key))"), key).scalar())
+            conn.commit()
+            try:
+                yield held
+            finally:
+                if held:
+                    conn.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), key)
+                    conn.commit()
 
     def serialize_claims(self, conn: Connection, key: str) -> None:
         """Make claims for ``key`` (a host) one at a time until this transaction ends.

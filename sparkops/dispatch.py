@@ -35,7 +35,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from sparkops import board, procs, reclaim
+from sparkops import board, fleet, procs, reclaim
 from sparkops.board import Change, Outcome, RetryPolicy
 from sparkops.clock import epoch
 from sparkops.config import CONFIG_ENV, Settings
@@ -201,13 +201,14 @@ def dispatch_native(ctx: JobContext, *, now: float | None = None) -> JobReport:
     else:
         policy = retry_policy(ctx.settings)
         lock = f"{ctx.host}:{os.getpid()}"
+        excluded = fleet.excluded_for(ctx.store.ops, ctx.settings["host.labels"])
         while True:
             deferred.clear()
             change = board.claim_next(
                 ctx.store.board, host=ctx.host, lock=lock,
                 capacity=ctx.settings["dispatch.max_in_progress"], policy=policy,
                 workspace_root=str(ctx.settings["dispatch.workspace_root"]), now=now,
-                deferred=deferred)
+                deferred=deferred, excluded=excluded)
             if change is None:
                 break
             started.append(change)

@@ -119,6 +119,14 @@ class GpuSnapshot:
         return [p for p in self.processes if p.device_index == index]
 
 
+def summary(snap: GpuSnapshot) -> dict[str, Any]:
+    """A short description of this host's GPUs, for the fleet view."""
+    return {"available": snap.available, "reason": snap.reason, "driver_version": snap.driver_version,
+            "devices": [{"index": d.index, "name": d.name, "memory_total_mb": d.memory_total_mb,
+                         "memory_used_mb": d.memory_used_mb, "utilization_pct": d.utilization_pct,
+                         "unified": d.unified} for d in snap.devices]}
+
+
 # -- reading NVML ----------------------------------------------------------------------
 
 

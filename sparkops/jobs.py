@@ -23,6 +23,7 @@ import logging
 import os
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -78,6 +79,8 @@ class JobSpec:
     run: Callable[..., JobReport]
     interval_setting: str
     help: str
+    #: One at a time across the fleet (a PostgreSQL advisory lock), not per host.
+    fleet: bool = False
 
     def interval(self, settings: Settings) -> float:
         return float(settings[self.interval_setting])
@@ -113,7 +116,7 @@ def registry() -> dict[str, JobSpec]:
         JobSpec("reclaim", reclaim.run, "reclaim.interval_seconds",
                 "Close runs whose worker is gone, silent or over its max runtime; requeue the task."),
         JobSpec("promote", promote, "runner.promote_interval_seconds",
-                "Promote todo tasks whose parents are all finished."),
+                "Promote todo tasks whose parents are all finished.", fleet=True),
         JobSpec("watchdog", watchdog.run, "watchdog.interval_seconds",
                 "Check the services and vLLM, restart what is down, kill GPU zombies, report stale runs."),
         JobSpec("disk", disk.run, "watchdog.interval_seconds",
@@ -121,7 +124,8 @@ def registry() -> dict[str, JobSpec]:
         JobSpec("gpu-sample", gpu.sample, "gpu.sample_interval_seconds",
                 "Store one GPU sample per device for the GPU page; prune old samples."),
         JobSpec("review", review.run, "review.interval_seconds",
-                "Record phase boundaries; write the sprint review report (metrics, phases, risks, narrative)."),
+                "Record phase boundaries; write the sprint review report (metrics, phases, risks, narrative).",
+                fleet=True),
         JobSpec("export", export.run, "export.interval_seconds",
                 "Write the board as CSV and JSON into export.dir (the files replaced atomically)."),
     ]
@@ -172,7 +176,11 @@ def run_job(ctx: JobContext, name: str, *, now: float | None = None, trigger: st
         _record(ctx, result)
         return result
     try:
-        report = specs[name].run(ctx, now=now, **options)
+        with ctx.store.ops.fleet_lock(f"job:{name}") if specs[name].fleet else nullcontext(True) as held:
+            if held:
+                report = specs[name].run(ctx, now=now, **options)
+            else:
+                report = JobReport("another host is running it (one at a time across the fleet)", acted=False)
         result = JobRun(name, trigger, started, time.monotonic() - clock, "ok",
                         summary=report.summary, acted=report.acted, details=report.details)
     except Exception as exc:  # noqa: BLE001 - a failing job must never stop its caller

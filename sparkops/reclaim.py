@@ -56,6 +56,7 @@ class Verdict:
     outcome: str
     reason: str
     local: bool = False  # a dead run of this host, found by process identity
+    remote: bool = False  # a run of another host, silent past the heartbeat timeout
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +68,16 @@ def run(ctx: JobContext, *, now: float | None = None, dry_run: bool = False) -> 
     if dry_run:
         return JobReport(f"would reclaim {len(verdicts)} run(s)" if verdicts else "nothing to reclaim",
                          acted=False, details={"verdicts": [v.as_dict() for v in verdicts]})
-    done = [v for v in verdicts if act(ctx, v, now=now)]
+    done = [v for v in verdicts if not v.remote and act(ctx, v, now=now)]
+    remote = [v for v in verdicts if v.remote]
+    if remote:
+        # Other hosts' silent runs: one reclaimer at a time across the fleet.
+        with ctx.store.board.fleet_lock("reclaim-remote") as held:
+            if held:
+                done += [v for v in remote if act(ctx, v, now=now)]
+            else:
+                log.info("%d silent run(s) of other hosts left to the reclaimer that holds the fleet lock",
+                         len(remote))
     if not done:
         return JobReport("nothing to reclaim", acted=False)
     return JobReport("; ".join(f"{v.task_id} run {v.run_id}: {v.outcome} ({v.reason})" for v in done),
@@ -117,7 +127,7 @@ def assess(ctx: JobContext, row: Any, *, now: float | None = None) -> Verdict | 
                        "run row left open while the task moved on")
     metadata = _metadata(row.metadata)
     identity = RunIdentity.from_metadata(metadata)
-    lock_host = (row.claim_lock or "").rpartition(":")[0]
+    lock_host = board.host_of_lock(row.claim_lock)
     run_host = identity.host if identity else lock_host
     max_runtime = int(row.max_runtime_seconds or settings["reclaim.max_runtime_seconds"])
     age = ts - int(row.started_at)
@@ -127,7 +137,7 @@ def assess(ctx: JobContext, row: Any, *, now: float | None = None) -> Verdict | 
         silent = ts - beat
         if silent > settings["reclaim.heartbeat_timeout_seconds"]:
             return Verdict(row.task_id, row.id, "fail", Outcome.CRASHED,
-                           f"no heartbeat from host {run_host or '?'} for {silent}s")
+                           f"no heartbeat from host {run_host or '?'} for {silent}s", remote=True)
         return None
 
     if identity is not None:

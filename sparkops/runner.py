@@ -35,8 +35,9 @@ from typing import Any, Callable
 import schedule
 from sqlalchemy import insert, update
 
-from sparkops import __version__, procs
-from sparkops.clock import epoch
+from sparkops import __version__, gpu, procs
+from sparkops.clock import epoch, follow_database
+from sparkops.clock import now as clock_now
 from sparkops.config import Settings, load_secrets
 from sparkops.dispatch import ShimTracker
 from sparkops.errors import Refused
@@ -57,7 +58,7 @@ class Runner:
     :meth:`run_forever` (set by :meth:`request_stop` or the signal handlers)."""
 
     def __init__(self, ctx: JobContext, specs: dict[str, JobSpec] | None = None, *,
-                 clock: Callable[[], float] = time.time, stop: threading.Event | None = None):
+                 clock: Callable[[], float] = clock_now, stop: threading.Event | None = None):
         self.ctx = ctx
         self.specs = specs if specs is not None else registry()
         self.clock = clock
@@ -130,14 +131,25 @@ class Runner:
         if self.ctx.settings["dispatch.wake_on_worker_exit"]:
             signal.signal(signal.SIGCHLD, lambda _sig, _frame: self.wake.set())
 
+    def _gpu_summary(self) -> dict[str, Any]:
+        try:
+            return gpu.summary(gpu.snapshot())
+        except Exception as exc:  # noqa: BLE001 - the fleet view can live without it
+            return {"available": False, "reason": f"cannot read the GPUs: {exc}", "devices": []}
+
     def heartbeat_host(self, *, stopping: bool = False) -> None:
         """Register this runner in ``ops_hosts`` and say it is alive."""
         now = time.monotonic()
         if not stopping and now - self._last_host_beat < HOST_HEARTBEAT_SECONDS:
             return
         self._last_host_beat = now
+        try:
+            follow_database(self.ctx.store.board)  # a fleet keeps the database's time
+        except Exception as exc:  # noqa: BLE001 - the database may be away; keep the last offset
+            log.warning("could not read the database's clock: %s", exc)
         ts = epoch(self.clock())
-        info = json.dumps({"jobs": self.intervals(), "mode": self.ctx.settings["dispatch.mode"]})
+        info = json.dumps({"jobs": self.intervals(), "mode": self.ctx.settings["dispatch.mode"],
+                           "labels": list(self.ctx.settings["host.labels"]), "gpu": self._gpu_summary()})
         values: dict[str, Any] = {
             "pid": os.getpid(), "boot_id": procs.boot_id(), "version": __version__,
             "capacity": self.ctx.settings["dispatch.max_in_progress"], "heartbeat_at": ts,

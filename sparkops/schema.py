@@ -356,6 +356,18 @@ ops_audit = Table(
     sqlite_autoincrement=True,
 )
 
+#: What a task asks of the host that runs it: labels such as ``gpu=gb10`` that the
+#: host's ``host.labels`` must all have (issue 7). Kept beside the board, which
+#: stays column for column Hermes'.
+ops_task_requirements = Table(
+    "ops_task_requirements",
+    ops_metadata,
+    Column("task_id", Text, nullable=False),
+    Column("label", Text, nullable=False),  # key=value
+    Column("created_at", Epoch, nullable=False),
+    PrimaryKeyConstraint("task_id", "label"),
+)
+
 
 # -- migrations ------------------------------------------------------------------
 
@@ -392,6 +404,7 @@ OPS_MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "ops_services, ops_alerts, ops_alert_state, ops_gpu_samples", _ops_v2),
     Migration(4, "ops_task_phases, ops_phase_boundaries, ops_events, ops_reports", _ops_v2),
     Migration(5, "ops_audit", _ops_v2),
+    Migration(6, "ops_task_requirements", _ops_v2),
 )
 
 BOARD_SCHEMA_VERSION = BOARD_MIGRATIONS[-1].version

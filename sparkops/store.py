@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sparkops import schema
+from sparkops import clock, schema
 from sparkops.config import Settings
 from sparkops.db import Database
 from sparkops.errors import StorageError
@@ -38,6 +38,8 @@ def open_store(settings: Settings, *, create: bool = False, now: int | None = No
     now = int(time.time()) if now is None else now
     open_database(board, "board", create=create, now=now)
     open_database(ops, "ops", create=create, now=now)
+    if not board.is_sqlite:
+        clock.follow_database(board)  # hosts compare timestamps: use the database's clock
     return Store(board=board, ops=ops)
 
 

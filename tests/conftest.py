@@ -113,6 +113,17 @@ def settings(backend: str, tmp_path: Path, request) -> Settings:
 
 
 @pytest.fixture
+def storage_env(backend: str, tmp_path: Path, request) -> dict[str, str]:
+    """``SPARKOPS_STORAGE_*`` for a fresh board and ops store on this test's backend
+    (PostgreSQL: one database for both, as a fleet runs it)."""
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        return {"SPARKOPS_STORAGE_BOARD_URL": url, "SPARKOPS_STORAGE_OPS_URL": url}
+    return {"SPARKOPS_STORAGE_BOARD_URL": f"sqlite:///{tmp_path}/data/kanban.db",
+            "SPARKOPS_STORAGE_OPS_URL": f"sqlite:///{tmp_path}/data/sparkops.db"}
+
+
+@pytest.fixture
 def store(settings: Settings) -> Iterator[Store]:
     st = open_store(settings, create=True, now=NOW)
     try:

@@ -180,7 +180,7 @@ class Engine:
 
 
 @pytest.fixture
-def engine(tmp_path: Path, monkeypatch) -> Iterator[Callable[..., Engine]]:
+def engine(tmp_path: Path, monkeypatch, storage_env: dict[str, str]) -> Iterator[Callable[..., Engine]]:
     """``engine(DELAY, ACTION, *FLAGS, **SETTINGS_ENV)``: settings in the environment
     (so the shims and agents inherit them), the board, the dispatcher's context.
     Afterwards every process group recorded in a run is stopped and every shim reaped."""
@@ -193,8 +193,7 @@ def engine(tmp_path: Path, monkeypatch) -> Iterator[Callable[..., Engine]]:
 
     def make(*agent: str, **env: str) -> Engine:
         env = {
-            "SPARKOPS_STORAGE_BOARD_URL": f"sqlite:///{tmp_path}/data/kanban.db",
-            "SPARKOPS_STORAGE_OPS_URL": f"sqlite:///{tmp_path}/data/sparkops.db",
+            **storage_env,
             "SPARKOPS_DISPATCH_AGENT_ARGV": json.dumps(["{python}", str(script), *agent]),
             "SPARKOPS_DISPATCH_HEARTBEAT_SECONDS": "0.5",
             "SPARKOPS_RECLAIM_TERM_GRACE_SECONDS": "2",
@@ -293,8 +292,8 @@ def dead(sleeper) -> Callable[[], Proc]:
 
 
 @pytest.fixture
-def ctx(sqlite_settings, sqlite_store) -> JobContext:
-    return JobContext.create(sqlite_settings, sqlite_store)
+def ctx(settings, store) -> JobContext:
+    return JobContext.create(settings, store)
 
 
 def claimed(ctx: JobContext, *, host: str | None = None, max_runtime: int | None = None,
@@ -379,7 +378,8 @@ def test_another_hosts_run_is_judged_by_its_heartbeat_and_never_signalled(ctx, s
     timeout = ctx.settings["reclaim.heartbeat_timeout_seconds"]
     assert assess(ctx, run_id, NOW + 50 + timeout) is None
     assert assess(ctx, run_id, NOW + 50 + timeout + 1) == Verdict(
-        task_id, run_id, "fail", Outcome.CRASHED, f"no heartbeat from host gb10-b for {timeout + 1}s")
+        task_id, run_id, "fail", Outcome.CRASHED, f"no heartbeat from host gb10-b for {timeout + 1}s",
+        remote=True)
     # a Hermes claim of another host (no identity): its claim lock names the host
     _, run_2 = claimed(ctx, host="gb10-c")
     assert assess(ctx, run_2, NOW + timeout) is None
@@ -491,7 +491,9 @@ def test_dry_run_lists_the_verdicts_and_changes_nothing(ctx, dead, tmp_path):
         (bare_task, bare_run, "release", "reclaimed")]
     assert snapshot() == before
 
-    cli = run_cli("reclaim", "--dry-run", cwd=tmp_path)  # the real clock: these runs are months old
+    storage = {"SPARKOPS_STORAGE_BOARD_URL": ctx.settings["storage.board_url"],
+               "SPARKOPS_STORAGE_OPS_URL": ctx.settings["storage.ops_url"]}
+    cli = run_cli("reclaim", "--dry-run", cwd=tmp_path, env=storage)  # the real clock: these runs are months old
     assert cli.returncode == 0, cli.stderr
     lines = cli.stdout.splitlines()
     assert lines[0] == "reclaim: ok: would reclaim 3 run(s)"
@@ -500,7 +502,7 @@ def test_dry_run_lists_the_verdicts_and_changes_nothing(ctx, dead, tmp_path):
     assert lines[3].startswith(f"  {bare_task} run {bare_run}: reclaimed: claim {ctx.host}:4242 expired")
     assert snapshot() == before
 
-    cli = run_cli("reclaim", cwd=tmp_path)
+    cli = run_cli("reclaim", cwd=tmp_path, env=storage)
     assert cli.returncode == 0 and cli.stdout.startswith("reclaim: ok: " + crashed_task), cli.stdout
     assert {queries.get_task(ctx.store.board, t)["status"] for t in (crashed_task, spawn_task, bare_task)} == {"ready"}
     assert reclaim.open_runs(ctx) == []

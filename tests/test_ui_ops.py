@@ -22,11 +22,11 @@ from sqlalchemy import select
 from sparkops import actions, alerts, board, jobs, queries, services
 from sparkops.jobs import JobContext, JobSpec, run_job
 from sparkops.runner import Runner
-from sparkops.schema import ops_job_runs
+from sparkops.schema import ops_hosts, ops_job_runs
 from sparkops.store import open_store
 
 HOST = "gb10-test"
-PAGES = ("Home.py", "pages/5_Jobs.py", "pages/6_Playbook.py", "pages/7_Events.py")
+PAGES = ("Home.py", "pages/5_Jobs.py", "pages/6_Playbook.py", "pages/7_Events.py", "pages/8_Fleet.py")
 #: Only the gateway is watched, on a port where nothing listens (a check fails fast).
 SERVICES = {"vllm": {"enabled": False}, "redis": {"enabled": False}, "ui": {"enabled": False},
             "tunnel": {"enabled": False}, "gateway": {"port": 1}}
@@ -392,3 +392,29 @@ def test_csv_escapes_formulas_and_filters_keep_choices():
     assert ops_view.options(["b", "a"], ["c", ""], ["zz"]) == ["a", "b", "c", "zz"]
     assert ops_view.since_epoch("last hour", at=7290) == 3660  # to the minute
     assert ops_view.since_epoch("all time", at=7290) is None
+
+
+def test_fleet_page_shows_each_host_its_runs_and_the_hosts_that_are_down(app_env):
+    def fill(ctx: JobContext) -> None:
+        heartbeat(ctx)  # this host's runner, alive
+        with ctx.store.ops.write() as conn:
+            conn.execute(ops_hosts.insert().values(
+                host="spark-2", pid=7, boot_id="b", version="0.7.0", capacity=2, started_at=1,
+                heartbeat_at=int(time.time()) - 3600,
+                info=json.dumps({"labels": ["gpu=gb10"], "gpu": {"devices": [{"name": "NVIDIA GB10",
+                                                                             "unified": True}]}})))
+        task_id = board.create_task(ctx.store.board, "held by spark-2")
+        board.claim(ctx.store.board, task_id, lock="spark-2:7")
+
+    with_ctx(app_env, fill)
+    at = run_page("pages/8_Fleet.py")
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Hosts up"] == "1/2" and metrics["Hosts down"] == "1" and metrics["Runs open"] == "1"
+    [down] = [e.value.replace("\\", "") for e in at.error]  # markdown-escaped
+    assert "spark-2" in down and "1 open run(s) are reclaimed by the other hosts" in down
+    frame = at.dataframe[0].value
+    row = frame[frame["host"] == "spark-2"].iloc[0]
+    assert row["state"] == "🔴 down" and row["runs"] == "1/2"
+    assert row["GPUs"] == "NVIDIA GB10 (unified)" and row["labels"] == "gpu=gb10"
+    assert [e.label for e in at.expander] == ["spark-2 · 1 run(s)"]

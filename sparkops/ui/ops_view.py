@@ -27,7 +27,7 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import desc, func, select
 
-from sparkops import actions, alerts, board, disk, export, gpu, jobs, phases, playbook, queries, services
+from sparkops import actions, alerts, board, disk, export, fleet, gpu, jobs, phases, playbook, queries, services
 from sparkops.clock import epoch
 from sparkops.db import Database
 from sparkops.procs import host_name
@@ -299,6 +299,34 @@ def hosts_frame(rows: Iterable[Mapping[str, Any]], now: int) -> pd.DataFrame:
                     "capacity": row.get("capacity"), "version": row.get("version") or ""})
     return pd.DataFrame(out, columns=["host", "state", "pid", "started", "last heartbeat", "capacity",
                                       "version"])
+
+
+def fleet_hosts(ctx: data.AppContext) -> list[fleet.Host]:
+    """The fleet's hosts with their state and open runs (:func:`sparkops.fleet.hosts`)."""
+    return _fleet_hosts(ctx.store.ops, ctx.store.board, ctx.store.ops.url, ctx.store.board.url,
+                        int(ctx.settings["reclaim.heartbeat_timeout_seconds"]))
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def _fleet_hosts(_ops: Database, _board: Database, ops_url: str, board_url: str,
+                 timeout: int) -> list[fleet.Host]:
+    return fleet.hosts(_ops, _board, timeout_seconds=timeout)
+
+
+STATE_MARK = {"up": "🟢 up", "down": "🔴 down", "stopped": "⚪ stopped"}
+
+
+def fleet_frame(found: Iterable[fleet.Host]) -> pd.DataFrame:
+    """One row per host: state, runs against capacity, heartbeat, GPUs, labels."""
+    out = []
+    for h in found:
+        devices = h.gpu.get("devices") or []
+        gpus = ", ".join(f"{d.get('name') or '?'}" + (" (unified)" if d.get("unified") else "") for d in devices)
+        out.append({"host": h.host, "state": STATE_MARK.get(h.state, h.state),
+                    "runs": f"{h.open_runs}/{h.capacity if h.capacity is not None else '?'}",
+                    "last heartbeat": f"{duration(h.heartbeat_age)} ago", "version": h.version or "",
+                    "GPUs": gpus or (h.gpu.get("reason") or "none"), "labels": " ".join(h.labels)})
+    return pd.DataFrame(out, columns=["host", "state", "runs", "last heartbeat", "version", "GPUs", "labels"])
 
 
 # -- jobs --------------------------------------------------------------------------------------
