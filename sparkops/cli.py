@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from sparkops import __version__, board, fleet, queries
 from sparkops.config import SETTINGS, Settings, load_secrets, load_settings, mask_url
+from sparkops.db import retrying
 from sparkops.errors import InvalidInput, NotFound, SparkOpsError, StorageError
 from sparkops.store import Store, open_store
 
@@ -728,8 +729,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.settings = settings
         if not args.needs_store:
             return args.func(args, settings)
-        store = open_store(settings)
-        return args.func(args, store)
+        if getattr(args, "run", None) is None or not settings["storage.retry_seconds"]:
+            store = open_store(settings)
+            return args.func(args, store)
+
+        # A worker's report: a database restart must not turn finished work into a crash.
+        def report() -> int:
+            nonlocal store
+            if store is not None:
+                store.dispose()
+            store = open_store(settings)
+            return args.func(args, store)
+        return retrying(report, seconds=settings["storage.retry_seconds"],
+                        what=f"{args.command} {getattr(args, 'task_command', '')} --run {args.run}".strip())
     except SparkOpsError as err:
         print(f"sparkops: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -129,6 +129,13 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting(
+        "storage.retry_seconds", "float", 60.0,
+        "How long a worker's report (`task complete|block --run`) and a shim's bookkeeping "
+        "keep retrying, with backoff, while a PostgreSQL database is unreachable (a restart, a "
+        "failover) before giving up. 0: no retry.",
+        minimum=0,
+    ),
+    Setting(
         "host.name", "str", "",
         "This host's name in claims and runs (claim_lock is NAME:PID). Empty: the "
         "machine's hostname.",

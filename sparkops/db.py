@@ -24,16 +24,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from sparkops.config import mask_url
 from sparkops.errors import StorageError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -290,6 +292,38 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({self.role}, {self.display_url})"
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """A lost or refused connection to a database server (worth retrying), as
+    opposed to a refused statement or SQLite's own errors."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError) and "sqlite" not in type(exc.orig).__module__
+
+
+def retrying(fn: Callable[[], T], *, seconds: float, what: str,
+             sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, tried again with backoff (0.5 s doubling to 5 s) while the database
+    is unreachable, for up to ``seconds``; the last error is raised after that.
+    ``fn`` must be a whole transaction: a retry runs it again from the start."""
+    deadline = time.monotonic() + seconds
+    wait = 0.5
+    while True:
+        try:
+            return fn()
+        except (DBAPIError, StorageError) as exc:
+            cause = exc if isinstance(exc, DBAPIError) else exc.__cause__
+            left = deadline - time.monotonic()
+            if cause is None or not is_disconnect(cause) or left <= 0:
+                raise
+            reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+            log.warning("%s: the database is unreachable (%s); retrying for up to %.0f s more",
+                        what, reason, left)
+            sleep(min(wait, left))
+            wait = min(wait * 2, 5.0)
 
 
 def _sqlite_engine(path: Path, busy_timeout_ms: int) -> Engine:

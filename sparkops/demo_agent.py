@@ -61,7 +61,7 @@ EXIT_RATE_LIMITED = 75
 #: The longest single sleep: how quickly a signal is noticed.
 TICK = 0.05
 #: How long the report through the CLI may take before the agent gives up on it.
-REPORT_TIMEOUT = 60.0
+REPORT_TIMEOUT = 120.0  # longer than storage.retry_seconds (60): the CLI rides out a database restart
 
 WORKLOG = "WORKLOG.md"
 RESULT = "RESULT.md"

@@ -41,6 +41,7 @@ from sqlalchemy.exc import DBAPIError
 from sparkops import board, procs
 from sparkops.board import Outcome
 from sparkops.config import Settings, load_settings
+from sparkops.db import retrying
 from sparkops.dispatch import log_tail, run_log_path, shim_environment
 from sparkops.errors import ConfigError, NotFound, Refused, SparkOpsError, StaleRun
 from sparkops.procs import Proc, RunIdentity
@@ -246,10 +247,16 @@ class Shim:
 
     def _ended(self) -> tuple[bool, str | None]:
         """Has the run been closed (by anyone), and with what outcome?"""
-        with self.store.board.read() as conn:
-            row = conn.execute(select(task_runs.c.ended_at, task_runs.c.outcome)
-                               .where(task_runs.c.id == self.run_id)).first()
+        def read():
+            with self.store.board.read() as conn:
+                return conn.execute(select(task_runs.c.ended_at, task_runs.c.outcome)
+                                    .where(task_runs.c.id == self.run_id)).first()
+        row = self._retrying(read, "reading the run")
         return (row is not None and row.ended_at is not None), (row.outcome if row else None)
+
+    def _retrying(self, fn, what: str):
+        """``fn()`` through a database restart (see storage.retry_seconds)."""
+        return retrying(fn, seconds=self.settings["storage.retry_seconds"], what=f"shim of run {self.run_id}: {what}")
 
     def _reported(self) -> bool:
         """Did the agent close the run with its own report (complete or block)? A run
@@ -262,9 +269,10 @@ class Shim:
 
     def _book(self, outcome: Outcome, error: str) -> int:
         try:
-            board.fail(self.store.board, self.task_id, run_id=self.run_id, outcome=outcome, error=error,
-                       failure_limit=self.settings["dispatch.failure_limit"],
-                       protocol_violation_limit=self.settings["dispatch.protocol_violation_limit"])
+            self._retrying(lambda: board.fail(
+                self.store.board, self.task_id, run_id=self.run_id, outcome=outcome, error=error,
+                failure_limit=self.settings["dispatch.failure_limit"],
+                protocol_violation_limit=self.settings["dispatch.protocol_violation_limit"]), f"booking {outcome}")
             log.info("run %d of %s: %s: %s", self.run_id, self.task_id, outcome, error)
         except Refused as err:
             log.info("not booking %s: %s", outcome, err)
@@ -307,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s shim[%(process)d] %(levelname)s: %(message)s")
     try:
         settings = load_settings()
-        store = open_store(settings)
+        store = retrying(lambda: open_store(settings), seconds=settings["storage.retry_seconds"],
+                         what="shim: opening the store")
     except SparkOpsError as err:
         if args.standby:
             # Say why in the run's log, not in the void: take the run, then fail it.

@@ -51,7 +51,7 @@ def pg_url() -> Iterator[str]:
             pytest.fail(f"PostgreSQL is required in CI but not reachable: {_PG_PROBLEM}")
         pytest.skip(f"PostgreSQL not reachable: {_PG_PROBLEM}")
     name = f"sparkops_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # a test may restart the server
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     base = PG_ADMIN_URL.rsplit("/", 1)[0]

@@ -57,7 +57,7 @@ PAGE_LOAD_SECONDS = 15.0
 PAGES = [
     ("", "SparkOps"), ("Board", "Board"), ("Runs", "Runs and logs"), ("GPU", "GPU"),
     ("Sprint_review", "Sprint review"), ("Jobs", "Jobs"), ("Playbook", "Playbook"),
-    ("Events", "Events and alerts"),
+    ("Events", "Events and alerts"), ("Fleet", "Fleet"),
 ]
 VIEWPORTS = {
     "desktop": {"viewport": {"width": 1400, "height": 900}},

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 
 from conftest import NOW, make_settings
 from sparkops import board, queries, schema
+from sparkops.db import Database
 from sparkops.errors import StorageError
 from sparkops.store import open_store
 
@@ -206,3 +209,34 @@ def test_postgres_epoch_columns_are_bigint(tmp_path, pg_url):
     board.create_task(store.board, "later", now=far_future)
     assert queries.list_tasks(store.board)[0]["created_at"] == far_future
     store.dispose()
+
+
+def test_retrying_rides_out_an_unreachable_server_and_nothing_else(tmp_path):
+    from sparkops.db import retrying
+
+    away = Database("postgresql://nobody@127.0.0.1:1/none", role="board")  # nothing listens on port 1
+    waits: list[float] = []
+    attempts = []
+
+    def connect():
+        attempts.append(1)
+        away.ping()
+
+    with pytest.raises(StorageError, match="cannot connect to the board database"):
+        retrying(connect, seconds=2, what="test", sleep=lambda s: (waits.append(s), time.sleep(s / 20)))
+    assert len(attempts) >= 3 and waits[:2] == [0.5, 1.0] and max(waits) <= 5.0  # backoff, capped
+
+    local = Database(f"sqlite:///{tmp_path}/x.db", role="board")
+    attempts.clear()
+
+    def broken_sql():
+        attempts.append(1)
+        with local.read() as conn:
+            conn.execute(text("SELEC 1"))
+
+    with pytest.raises(DBAPIError):
+        retrying(broken_sql, seconds=30, what="test")
+    assert len(attempts) == 1  # a wrong statement is not retried
+    assert retrying(lambda: 42, seconds=0, what="test") == 42
+    away.dispose()
+    local.dispose()
