@@ -99,6 +99,8 @@ class JobRun:
     error: str | None = None
     acted: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    #: it failed because the database could not be reached (the runner backs off)
+    database_unreachable: bool = False
 
     @property
     def ok(self) -> bool:
@@ -185,10 +187,14 @@ def run_job(ctx: JobContext, name: str, *, now: float | None = None, trigger: st
                         summary=report.summary, acted=report.acted, details=report.details)
     except Exception as exc:  # noqa: BLE001 - a failing job must never stop its caller
         error = f"{type(exc).__name__}: {exc}"
-        log.error("job %s failed (it stays scheduled): %s\n%s", name, error,
-                  traceback.format_exc().rstrip())
+        unreachable = database_unreachable(exc)
+        if unreachable:  # one line, no traceback: the runner backs off and says so
+            log.warning("job %s: the database is unreachable: %s", name, error.splitlines()[0])
+        else:
+            log.error("job %s failed (it stays scheduled): %s\n%s", name, error,
+                      traceback.format_exc().rstrip())
         result = JobRun(name, trigger, started, time.monotonic() - clock, "error",
-                        summary="failed", error=error[:2000])
+                        summary="failed", error=error[:2000], database_unreachable=unreachable)
     finally:
         lock.release()
     if result.acted or result.outcome != "ok" or trigger != "schedule":
@@ -196,6 +202,14 @@ def run_job(ctx: JobContext, name: str, *, now: float | None = None, trigger: st
     if result.acted and result.ok:
         log.info("job %s: %s (%.2fs)", name, result.summary, result.duration_seconds)
     return result
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """True for a lost or refused database connection (directly or as the cause of a
+    StorageError), as opposed to a job's own failure."""
+    from sparkops.db import is_disconnect
+
+    return is_disconnect(exc) or (exc.__cause__ is not None and is_disconnect(exc.__cause__))
 
 
 def _record(ctx: JobContext, run: JobRun) -> None:

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 #: The longest the loop sleeps between looks at the schedule (seconds).
 POLL_SECONDS = 1.0
 HOST_HEARTBEAT_SECONDS = 30.0
+#: The longest wait between tries while the database is unreachable.
+DATABASE_BACKOFF_MAX = 30.0
 
 
 class Runner:
@@ -69,6 +71,9 @@ class Runner:
         self.last_results: dict[str, JobRun] = {}
         self._ran: list[JobRun] = []
         self._last_host_beat = 0.0
+        #: while the database is unreachable, scheduled jobs wait until then (monotonic)
+        self._database_back_at = 0.0
+        self._database_backoff = 0.0
         for spec in self.specs.values():
             every = spec.interval(ctx.settings)
             self.scheduler.every(every).seconds.do(self._scheduled, spec.name).tag(spec.name)
@@ -82,11 +87,28 @@ class Runner:
                          specs=self.specs)
         self.last_results[name] = result
         self._ran.append(result)
+        self._note_database(result)
         return result
+
+    def _note_database(self, result: JobRun) -> None:
+        """Back off while the database is unreachable (1 s doubling to 30 s); the
+        workers go on, and the log says so once each way."""
+        if result.database_unreachable:
+            self._database_backoff = min(max(self._database_backoff * 2, 1.0), DATABASE_BACKOFF_MAX)
+            self._database_back_at = time.monotonic() + self._database_backoff
+            log.warning("the database is unreachable; scheduled jobs wait %.0f s before trying again "
+                        "(running workers go on)", self._database_backoff)
+        elif self._database_backoff and result.outcome != "error":
+            log.warning("the database is reachable again; jobs run on their schedule")
+            self._database_backoff = 0.0
+            self._database_back_at = 0.0
+
+    def waiting_for_database(self) -> bool:
+        return time.monotonic() < self._database_back_at
 
     def _scheduled(self, name: str) -> None:
         # Called by schedule; returns None, so schedule always books the next run.
-        if not self.stop.is_set():
+        if not self.stop.is_set() and not self.waiting_for_database():
             self.run_job(name)
 
     def run_pending_once(self) -> list[JobRun]:
@@ -95,7 +117,7 @@ class Runner:
         self._ran = []
         if self.wake.is_set():
             self.wake.clear()
-            if "dispatch" in self.specs and not self.stop.is_set():
+            if "dispatch" in self.specs and not self.stop.is_set() and not self.waiting_for_database():
                 self.run_job("dispatch", trigger="schedule")
         self.scheduler.run_pending()
         self.heartbeat_host()

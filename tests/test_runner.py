@@ -307,3 +307,38 @@ def test_stopping_the_runner_leaves_running_workers_alone(tmp_path):
         store.dispose()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_runner_backs_off_while_the_database_is_unreachable_and_says_so(tmp_path, caplog):
+    from sparkops.db import Database
+    from sparkops.store import Store
+
+    settings = make_settings(tmp_path)
+    good = open_store(settings, create=True)
+    away = Database("postgresql://nobody@127.0.0.1:1/none", role="board")  # nothing listens on port 1
+    state = {"store": Store(board=away, ops=good.ops)}
+    calls = []
+
+    def touch(ctx, now=None):
+        calls.append(now)
+        state["store"].board.ping()
+        return JobReport("board reached")
+
+    specs = {"touch": JobSpec("touch", touch, "dispatch.interval_seconds", "reads the board")}
+    runner = Runner(JobContext.create(settings, good), specs)
+    caplog.set_level(logging.WARNING)
+    failed = runner.run_job("touch")
+    assert failed.outcome == "error" and failed.database_unreachable
+    assert runner.waiting_for_database()
+    runner._scheduled("touch")  # a scheduled tick during the backoff does nothing
+    assert len(calls) == 1
+    assert "the database is unreachable; scheduled jobs wait 1 s before trying again" in caplog.text
+    assert "Traceback" not in caplog.text  # one line per failure, not a stack trace
+
+    state["store"] = good
+    runner._database_back_at = 0.0  # the backoff is over (instead of sleeping through it)
+    runner._scheduled("touch")
+    assert len(calls) == 2 and runner.last_results["touch"].ok and not runner.waiting_for_database()
+    assert "the database is reachable again" in caplog.text
+    away.dispose()
+    good.dispose()
