@@ -22,8 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +32,7 @@ import pytest
 from conftest import IN_CI, ROOT, make_settings, wait_for
 from sparkops import actions, board, queries
 from sparkops.store import Store, open_store
-from test_launcher import free_port
+from test_launcher import free_port, http_status
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -79,16 +77,6 @@ def _missing() -> str | None:
 
 
 # -- the app under test ----------------------------------------------------------------------
-
-
-def http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
 
 
 @dataclass
