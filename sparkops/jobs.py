@@ -32,6 +32,7 @@ from sqlalchemy import insert
 
 from sparkops.clock import epoch
 from sparkops.config import Secrets, Settings
+from sparkops.db import is_disconnect
 from sparkops.errors import NotFound, Refused
 from sparkops.procs import host_name
 from sparkops.schema import ops_job_runs
@@ -207,8 +208,6 @@ def run_job(ctx: JobContext, name: str, *, now: float | None = None, trigger: st
 def database_unreachable(exc: BaseException) -> bool:
     """True for a lost or refused database connection (directly or as the cause of a
     StorageError), as opposed to a job's own failure."""
-    from sparkops.db import is_disconnect
-
     return is_disconnect(exc) or (exc.__cause__ is not None and is_disconnect(exc.__cause__))
 
 
