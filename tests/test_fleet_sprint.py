@@ -148,6 +148,7 @@ def cluster():
     return found
 
 
+@pytest.mark.timeout(300 + TASKS * 2)  # the suite's 300 s is for ordinary tests
 def test_three_hosts_finish_every_task_once_through_a_dead_host_and_a_database_restart(
         pg_url, cluster, tmp_path):
     settings = make_settings(tmp_path, board_url=pg_url, ops_url=pg_url)
