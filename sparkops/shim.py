@@ -221,29 +221,33 @@ class Shim:
     def _record(self, agent: Proc | None) -> bool:
         identity = RunIdentity(self.host, self.boot_id, shim=self.me, agent=agent)
         try:
-            board.record_process(self.store.board, self.task_id, run_id=self.run_id,
-                                 claim_lock=self.claim_lock, worker_pid=agent.pid if agent else None,
-                                 identity={"process": identity.as_dict()})
+            self._retrying(lambda: board.record_process(
+                self.store.board, self.task_id, run_id=self.run_id, claim_lock=self.claim_lock,
+                worker_pid=agent.pid if agent else None, identity={"process": identity.as_dict()}),
+                "recording the worker")
             return True
         except (StaleRun, NotFound):
             return False
 
     def _task(self):
-        with self.store.board.read() as conn:
-            row = conn.execute(
-                select(tasks.c.title, tasks.c.body, tasks.c.workspace_path, tasks.c.max_runtime_seconds,
-                       task_runs.c.started_at.label("started_at_run"))
-                .select_from(tasks.join(task_runs, task_runs.c.id == self.run_id))
-                .where(tasks.c.id == self.task_id)).first()
+        def read():
+            with self.store.board.read() as conn:
+                return conn.execute(
+                    select(tasks.c.title, tasks.c.body, tasks.c.workspace_path, tasks.c.max_runtime_seconds,
+                           task_runs.c.started_at.label("started_at_run"))
+                    .select_from(tasks.join(task_runs, task_runs.c.id == self.run_id))
+                    .where(tasks.c.id == self.task_id)).first()
+        row = self._retrying(read, "reading the task")
         if row is None:
             raise NotFound("task", self.task_id)
         return row
 
     def _max_runtime(self) -> int:
-        with self.store.board.read() as conn:
-            own = conn.execute(select(tasks.c.max_runtime_seconds)
-                               .where(tasks.c.id == self.task_id)).scalar()
-        return int(own or self.settings["reclaim.max_runtime_seconds"])
+        def read():
+            with self.store.board.read() as conn:
+                return conn.execute(select(tasks.c.max_runtime_seconds)
+                                    .where(tasks.c.id == self.task_id)).scalar()
+        return int(self._retrying(read, "reading the max runtime") or self.settings["reclaim.max_runtime_seconds"])
 
     def _ended(self) -> tuple[bool, str | None]:
         """Has the run been closed (by anyone), and with what outcome?"""

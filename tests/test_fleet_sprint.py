@@ -191,8 +191,15 @@ def test_three_hosts_finish_every_task_once_through_a_dead_host_and_a_database_r
         done_at_restart = done()
 
         # 3. they finish the sprint by themselves
-        wait_for(lambda: done() == TASKS, f"all {TASKS} tasks done", timeout=budget,
-                 proc=procs["gb10-b"])
+        try:
+            wait_for(lambda: done() == TASKS, f"all {TASKS} tasks done", timeout=budget,
+                     proc=procs["gb10-b"])
+        except BaseException:
+            stuck = [(t["id"], t["status"], t["current_run_id"], t["last_failure_error"])
+                     for t in queries.list_tasks(store.board) if t["status"] != "done"]
+            print("not done:", stuck[:20])
+            print("open runs:", queries.list_runs(store.board, active_only=True, limit=20))
+            raise
         elapsed = time.monotonic() - started
         occupancy.stop.set()
         for proc in procs.values():
