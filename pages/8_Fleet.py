@@ -23,6 +23,7 @@ def fleet_view() -> None:
     with page.guard():
         found = ops_view.fleet_hosts(ctx)
         live = bv.runs(ctx.store.board, active_only=True, limit=500)
+        titles = {t: row["title"] for t, row in bv.titles(ctx.store.board, (r["task_id"] for r in live)).items()}
     if not found:
         st.info("No jobs runner has registered yet. Start one with `python jobs_runner.py` "
                 "(or `python -m sparkops up`).", icon="🛰️")
@@ -48,7 +49,7 @@ def fleet_view() -> None:
         st.markdown("No run is open.")
     for host, runs in sorted(by_host.items()):
         with st.expander(f"{host} · {len(runs)} run(s)", expanded=len(by_host) <= 3):
-            st.dataframe(bv.runs_frame(runs, now), hide_index=True)
+            st.dataframe(bv.runs_frame(runs, now, titles), hide_index=True)
 
 
 fleet_view()

@@ -418,3 +418,4 @@ def test_fleet_page_shows_each_host_its_runs_and_the_hosts_that_are_down(app_env
     assert row["state"] == "🔴 down" and row["runs"] == "1/2"
     assert row["GPUs"] == "NVIDIA GB10 (unified)" and row["labels"] == "gpu=gb10"
     assert [e.label for e in at.expander] == ["spark-2 · 1 run(s)"]
+    assert list(at.dataframe[1].value["title"]) == ["held by spark-2"]
