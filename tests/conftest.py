@@ -146,6 +146,35 @@ def sqlite_store(sqlite_settings: Settings) -> Iterator[Store]:
         st.dispose()
 
 
+@pytest.fixture
+def app_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """For the app's AppTest tests: settings through the environment as `up` passes
+    them (a fresh SQLite board and ops store in tmp_path, nothing else of this
+    process's SPARKOPS_*), the app bound to 127.0.0.1, no password, no
+    .streamlit/secrets.toml, Streamlit's caches fresh (they are per process).
+    Test modules add what they need by overriding it with this one as argument."""
+    import streamlit as st
+    from streamlit import config
+
+    for name in [n for n in os.environ if n.startswith("SPARKOPS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SPARKOPS_STORAGE_BOARD_URL", f"sqlite:///{tmp_path}/data/kanban.db")
+    monkeypatch.setenv("SPARKOPS_STORAGE_OPS_URL", f"sqlite:///{tmp_path}/data/sparkops.db")
+    monkeypatch.chdir(tmp_path)
+    previous = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    st.cache_data.clear()
+    yield tmp_path
+    config.set_option("server.address", previous)
+
+
+def run_page(path: str, timeout: float = 60):
+    """Render one page of the app (a path under the repository) with AppTest."""
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(str(ROOT / path), default_timeout=timeout).run()
+
+
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0,
              proc: subprocess.Popen | None = None) -> Any:
     """Poll ``predicate`` until it returns something truthy (and return that), or

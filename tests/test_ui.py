@@ -3,34 +3,9 @@ SQLite board: what they show, their filters, the error box and the login gate.""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import pytest
-
-from conftest import ROOT, make_settings
-
-@pytest.fixture
-def app_env(tmp_path, monkeypatch):
-    """Settings through the environment as `up` passes them; the app bound to
-    127.0.0.1; no password unless a test sets one."""
-    from streamlit import config
-
-    for name in [n for n in os.environ if n.startswith("SPARKOPS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SPARKOPS_STORAGE_BOARD_URL", f"sqlite:///{tmp_path}/data/kanban.db")
-    monkeypatch.setenv("SPARKOPS_STORAGE_OPS_URL", f"sqlite:///{tmp_path}/data/sparkops.db")
-    monkeypatch.chdir(tmp_path)  # no .streamlit/secrets.toml here
-    previous = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    yield tmp_path
-    config.set_option("server.address", previous)
-
-
-def run_page(path: str):
-    from streamlit.testing.v1 import AppTest
-
-    return AppTest.from_file(str(ROOT / path), default_timeout=30).run()
+from conftest import make_settings, run_page
 
 
 def seeded(tmp_path: Path) -> None:

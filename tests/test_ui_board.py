@@ -5,13 +5,12 @@ action button, each checked in the database and in the audit."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, make_settings
+from conftest import ROOT, make_settings, run_page
 
 from sparkops import actions, board, queries
 from sparkops.demo import DEMO_TASKS, seed_demo
@@ -23,29 +22,6 @@ RUNS = "pages/2_Runs.py"
 FIXTURE_DB = ROOT / "tests" / "fixtures" / "hermes_board.db"
 OTHER_HOST = "gpu-box-2"  # a worker that is not on this machine
 OTHER_PID = 4242
-
-
-@pytest.fixture
-def app_env(tmp_path, monkeypatch):
-    """Settings through the environment as `up` passes them; the app bound to
-    127.0.0.1; no password."""
-    from streamlit import config
-
-    for name in [n for n in os.environ if n.startswith("SPARKOPS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SPARKOPS_STORAGE_BOARD_URL", f"sqlite:///{tmp_path}/data/kanban.db")
-    monkeypatch.setenv("SPARKOPS_STORAGE_OPS_URL", f"sqlite:///{tmp_path}/data/sparkops.db")
-    monkeypatch.chdir(tmp_path)
-    previous = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    yield tmp_path
-    config.set_option("server.address", previous)
-
-
-def run_page(path: str):
-    from streamlit.testing.v1 import AppTest
-
-    return AppTest.from_file(str(ROOT / path), default_timeout=30).run()
 
 
 def open_test_store(tmp_path: Path) -> Store:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, make_settings
+from conftest import ROOT, make_settings, run_page
 from sqlalchemy import select
 
 from sparkops import actions, alerts, board, jobs, queries, services
@@ -40,30 +39,11 @@ FORMULA = "=HYPERLINK(\"http://evil\")"
 
 
 @pytest.fixture
-def app_env(tmp_path, monkeypatch):
-    """Settings through the environment as `up` passes them; the app bound to
-    127.0.0.1; no password; fresh caches (they are per process)."""
-    import streamlit as st
-    from streamlit import config
-
-    for name in [n for n in os.environ if n.startswith("SPARKOPS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SPARKOPS_STORAGE_BOARD_URL", f"sqlite:///{tmp_path}/data/kanban.db")
-    monkeypatch.setenv("SPARKOPS_STORAGE_OPS_URL", f"sqlite:///{tmp_path}/data/sparkops.db")
+def app_env(app_env, monkeypatch):
+    """conftest's app env with the settings of these tests (ENV)."""
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
-    previous = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    st.cache_data.clear()
-    yield tmp_path
-    config.set_option("server.address", previous)
-
-
-def run_page(path: str):
-    from streamlit.testing.v1 import AppTest
-
-    return AppTest.from_file(str(ROOT / path), default_timeout=60).run()
+    return app_env
 
 
 def settings_for(tmp_path: Path, **env: str):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_settings
+from conftest import ROOT, make_settings, run_page
 from fake_nvml import GIB, LIBRARY_NOT_FOUND, NOT_SUPPORTED, Fail, FakeDevice, FakeNvml
 from sqlalchemy import select
 
@@ -33,22 +33,12 @@ MARKER = "sparkops-ui-review-gpu-worker"
 
 
 @pytest.fixture
-def app_env(tmp_path, monkeypatch):
-    """Settings through the environment as `up` passes them; the app bound to
-    127.0.0.1; no model for the review's narrative; no NVML unless a test sets one."""
-    from streamlit import config
-
-    for name in [n for n in os.environ if n.startswith("SPARKOPS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SPARKOPS_STORAGE_BOARD_URL", f"sqlite:///{tmp_path}/data/kanban.db")
-    monkeypatch.setenv("SPARKOPS_STORAGE_OPS_URL", f"sqlite:///{tmp_path}/data/sparkops.db")
+def app_env(app_env, monkeypatch):
+    """conftest's app env with no model for the review's narrative and no NVML
+    unless a test sets one."""
     monkeypatch.setenv("SPARKOPS_REVIEW_MODEL_URL", "")
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(review_view, "NVML", FakeNvml(init_error=LIBRARY_NOT_FOUND))
-    previous = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    yield tmp_path
-    config.set_option("server.address", previous)
+    return app_env
 
 
 @pytest.fixture
@@ -66,12 +56,6 @@ def downloads(monkeypatch):
 
     monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
     return seen
-
-
-def run_page(path: str):
-    from streamlit.testing.v1 import AppTest
-
-    return AppTest.from_file(str(ROOT / path), default_timeout=30).run()
 
 
 def job_ctx(tmp_path: Path) -> JobContext:
