@@ -65,6 +65,8 @@ VIEWPORTS = {
 SETTLED = '[data-testid="stApp"][data-test-connection-state="CONNECTED"][data-test-script-state="notRunning"]'
 EXCEPTION = '[data-testid="stException"]'
 ERROR_BOX = '[data-testid="stAlertContentError"]'
+STATUS_LINE = "Happening now:"  # the Playbook's summary of the seed's failures
+HAPPENING = "text=Happening now: yes"
 SUCCESS_BOX = '[data-testid="stAlertContentSuccess"]'
 
 
@@ -211,8 +213,14 @@ def load(app: App, tab: Page, path: str, title: str) -> float:
 def assert_no_errors(tab: Page, where: str) -> None:
     exceptions = tab.locator(EXCEPTION)
     assert exceptions.count() == 0, f"{where}: Streamlit exception: {exceptions.all_inner_texts()}"
-    errors = tab.locator(ERROR_BOX)
-    assert errors.count() == 0, f"{where}: error box: {errors.all_inner_texts()}"
+    texts = tab.locator(ERROR_BOX).all_inner_texts()
+    # The Playbook's "Happening now" line is the board's state, not the app's failure: with
+    # four agents racing on two cores a diagnosis can be true for a moment. Say which.
+    status = [t for t in texts if STATUS_LINE in t]
+    if status:
+        print(f"{where}: {status[0].strip()} ({tab.locator(HAPPENING).count()} cards say yes)")
+    errors = [t for t in texts if STATUS_LINE not in t]
+    assert not errors, f"{where}: error box: {errors}"
 
 
 # -- the tests -----------------------------------------------------------------------------------
