@@ -28,6 +28,7 @@ from sparkops.config import (  # noqa: E402
     SECRET_KEYS,
     SECTIONS,
     DEFAULT_SERVICES,
+    REMOTE_FIELDS,
     SERVICE_FIELDS,
     SETTINGS,
     Setting,
@@ -48,6 +49,8 @@ SECTION_TITLES = {
     "review": "The sprint review: metrics window, phases, stuck signals, reports, the narrative.",
     "export": "The board exported as CSV and JSON for sprint review and remote monitoring.",
     "runner": "The jobs runner (`python -m sparkops up`).",
+    "remote": "Remote hosts over SSH (see Remote hosts below and docs/remote.md): push, tunnel, "
+              "their GPUs. Nothing is contacted until a host is declared.",
     "ui": "The Streamlit app.",
 }
 
@@ -203,6 +206,28 @@ def _services() -> str:
     )
 
 
+def _remotes() -> str:
+    """The ``[remotes.NAME]`` tables: their fields."""
+    rows = "".join(
+        "| " + " | ".join([f"`{f.name}`", f.kind, f"`{toml_value(f.default)}`", _cell(f.allowed()),
+                           _cell(f.help)]) + " |\n"
+        for f in REMOTE_FIELDS)
+    return (
+        "\n## Remote hosts\n\n"
+        "The hosts SparkOps reaches over SSH are tables `[remotes.NAME]` (or the JSON object "
+        "`SPARKOPS_REMOTES`); `remote.push_host`, `remote.tunnel_host`, `remote.gpu_hosts` and "
+        "another host's `jump` name them. There are none by default, so nothing is contacted "
+        "until one is declared. A name that has no table, a missing address, a jump that leads "
+        "back, or a secret in a table stops the program with one line naming it. Host keys are "
+        "verified against `known_hosts` (see docs/remote.md).\n\n"
+        + SERVICE_HEADER + rows
+        + "\n```toml\n[remote]\npush_host = \"vps\"\ntunnel_host = \"vps\"\ngpu_hosts = [\"spark1\"]\n\n"
+        "[remotes.vps]\naddress = \"vps.example.net\"\nuser = \"sparkops\"\n"
+        "key_file = \"~/.ssh/sparkops_ed25519\"\n\n"
+        "[remotes.spark1]\naddress = \"spark1.lan\"\njump = \"vps\"\n```\n"
+    )
+
+
 def example_toml() -> str:
     """A complete ``sparkops.toml`` with every setting at its default."""
     lines = [
@@ -225,6 +250,7 @@ def render() -> str:
         _intro()
         + _sections()
         + _services()
+        + _remotes()
         + "\n## Example `sparkops.toml`\n\n"
         + "```toml\n"
         + example_toml()

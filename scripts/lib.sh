@@ -86,3 +86,31 @@ ensure_chromium() {
     say "chromium not available: the browser tests will be skipped"
   fi
 }
+
+# ensure_sshd: Debian's OpenSSH server for the remote tests (they start their own sshd
+# on a free loopback port with its own keys and config; no system service is started).
+ensure_sshd() {
+  if [ -x /usr/sbin/sshd ]; then
+    return 0
+  fi
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    say "installing Debian's openssh-server (for the remote tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    # policy-rc.d 101: the package must not start the system's sshd on port 22
+    local policy=/usr/sbin/policy-rc.d created=""
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created=1
+    fi
+    apt-get install -y -q openssh-server openssh-client >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q openssh-server openssh-client >/dev/null 2>&1; } \
+      || true
+    [ -n "$created" ] && rm -f "$policy"
+  fi
+  if [ ! -x /usr/sbin/sshd ]; then
+    if in_ci; then
+      echo "openssh-server could not be installed; CI needs it for the remote tests" >&2
+      exit 1
+    fi
+    say "sshd not available: the remote tests will be skipped"
+  fi
+}

@@ -412,22 +412,148 @@ def cmd_gpu(args: argparse.Namespace, settings: Settings) -> int:
     from sparkops import gpu
 
     snap = gpu.snapshot()
+    _emit(args, snap.as_dict(), lambda: _print_gpus(snap))
+    return 0
+
+
+def _print_gpus(snap, indent: str = "") -> None:
+    if not snap.available:
+        print(f"{indent}No GPU information: {snap.reason}")
+        return
+    print(f"{indent}NVIDIA driver {snap.driver_version or '?'}")
+    for d in snap.devices:
+        memory = (f"{(d.memory_used_mb or 0) / 1024:.1f} / {(d.memory_total_mb or 0) / 1024:.1f} GiB"
+                  + (" (unified memory)" if d.unified else ""))
+        print(f"{indent}  GPU {d.index}: {d.name}  util {d.utilization_pct if d.utilization_pct is not None else '?'}%"
+              f"  {d.temperature_c if d.temperature_c is not None else '?'} C"
+              f"  {d.power_w if d.power_w is not None else '?'} W  {memory}")
+    for p in snap.processes:
+        used = f"{p.used_memory_mb / 1024:.1f} GiB" if p.used_memory_mb is not None else "? GiB"
+        print(f"{indent}    pid {p.pid:<8} GPU {p.device_index}  {used:>10}  {(p.command_line or '?')[:100]}")
+
+
+# -- remote hosts ---------------------------------------------------------------------
+
+
+def _remote_names(args, settings: Settings) -> list[str]:
+    names = args.names or [r.name for r in settings.remotes]
+    if not names:
+        raise InvalidInput("no remote host is configured; add a [remotes.NAME] table with its address "
+                           "(see docs/remote.md)")
+    for name in names:
+        settings.remote(name)  # ConfigError naming the missing host
+    return names
+
+
+def cmd_remote_check(args: argparse.Namespace, settings: Settings) -> int:
+    from sparkops import remote, remote_gpu
+
+    rows = []
+    for name in _remote_names(args, settings):
+        spec = settings.remote(name)
+        roles = [role for role, on in (("push", settings["remote.push_host"] == name),
+                                       ("tunnel", settings["remote.tunnel_host"] == name),
+                                       ("gpu", name in settings["remote.gpu_hosts"])) if on]
+        row: dict[str, Any] = {"name": name, "destination": spec.destination, "roles": roles,
+                               "via": spec.jump or None}
+        started = time.monotonic()
+        try:
+            with remote.connect(settings, name) as conn:
+                key = conn.transport.get_remote_server_key()
+                row.update(ok=True, key=f"{key.get_name()} {remote.fingerprint(key)}",
+                           login_ms=round((time.monotonic() - started) * 1000))
+            if "gpu" in roles:
+                row["gpu"] = remote_gpu.read(settings, name).as_dict()
+        except remote.RemoteError as exc:
+            row.update(ok=False, error=str(exc))
+        rows.append(row)
 
     def text() -> None:
-        if not snap.available:
-            print(f"No GPU information: {snap.reason}")
-            return
-        print(f"NVIDIA driver {snap.driver_version or '?'}")
-        for d in snap.devices:
-            memory = (f"{(d.memory_used_mb or 0) / 1024:.1f} / {(d.memory_total_mb or 0) / 1024:.1f} GiB"
-                      + (" (unified memory)" if d.unified else ""))
-            print(f"  GPU {d.index}: {d.name}  util {d.utilization_pct if d.utilization_pct is not None else '?'}%"
-                  f"  {d.temperature_c if d.temperature_c is not None else '?'} C"
-                  f"  {d.power_w if d.power_w is not None else '?'} W  {memory}")
-        for p in snap.processes:
-            used = f"{p.used_memory_mb / 1024:.1f} GiB" if p.used_memory_mb is not None else "? GiB"
-            print(f"    pid {p.pid:<8} GPU {p.device_index}  {used:>10}  {(p.command_line or '?')[:100]}")
-    _emit(args, snap.as_dict(), text)
+        for r in rows:
+            via = f" via {r['via']}" if r["via"] else ""
+            roles = f" [{', '.join(r['roles'])}]" if r["roles"] else ""
+            if r["ok"]:
+                print(f"{r['name']}: ok: {r['destination']}{via}{roles}, {r['key']}, logged in in {r['login_ms']} ms")
+                if "gpu" in r:
+                    from sparkops.remote_gpu import snapshot_from
+
+                    _print_gpus(snapshot_from(r["gpu"]), indent="  ")
+            else:
+                print(f"{r['name']}: FAILED: {r['error']}")
+    _emit(args, rows, text)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def cmd_remote_trust(args: argparse.Namespace, settings: Settings) -> int:
+    from sparkops import remote
+
+    spec = settings.remote(args.name)
+    key = remote.scan_key(settings, args.name)
+    offered = f"{key.get_name()} {remote.fingerprint(key)}"
+    print(f"{args.name} ({remote.host_entry(spec)}) offers {offered}")
+    if args.fingerprint:
+        if args.fingerprint.strip() != remote.fingerprint(key):
+            print(f"sparkops: error: {args.name} offers {remote.fingerprint(key)}, not {args.fingerprint}; "
+                  "nothing was recorded", file=sys.stderr)
+            return 1
+    elif not args.yes:
+        if not sys.stdin.isatty():
+            print("sparkops: error: not a terminal, so nobody can confirm the key: pass --fingerprint "
+                  "SHA256:... (compared with the key) or --yes; nothing was recorded", file=sys.stderr)
+            return 2
+        answer = input(f"Record this key in {spec.known_hosts}? Compare it with `ssh-keygen -lf "
+                       "/etc/ssh/ssh_host_*_key.pub` on the host first. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing was recorded")
+            return 1
+    print(remote.trust(spec, key, replace=args.replace))
+    return 0
+
+
+def cmd_remote_push(args, store: Store) -> int:
+    def progress(name: str, sent: int, total: int) -> None:
+        if total >= 1_000_000 and not args.json:
+            print(f"  {name}: {sent * 100 // max(total, 1)}% of {total / 1e6:.1f} MB", file=sys.stderr)
+    if not args.settings["remote.push_host"]:
+        raise InvalidInput("no push host: set remote.push_host to one of the [remotes.NAME] hosts")
+    return _run_job(args, store, "push", progress=progress)
+
+
+def cmd_remote_tunnel(args, store: Store) -> int:
+    """Hold the tunnel in the foreground (or probe it once with --check)."""
+    from sparkops import remote, tunnel
+    from sparkops.jobs import JobContext, JobLock, lock_dir
+    from sparkops.runner import install_stop_handlers
+
+    settings = args.settings
+    name = settings["remote.tunnel_host"]
+    if not name:
+        raise InvalidInput("no tunnel host: set remote.tunnel_host to one of the [remotes.NAME] hosts")
+    if args.check:
+        return _run_job(args, store, "tunnel")
+    ctx = JobContext.create(settings, store)
+    import threading
+
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    keeper = tunnel.Tunnel(settings)
+    last = None
+    with JobLock(lock_dir(settings) / "tunnel.lock"):  # the runner's tunnel job waits meanwhile
+        try:
+            while not stop.is_set():
+                status = keeper.step()
+                remote.save_state(store.ops, ctx.host, tunnel.KIND, name, status.status, status.detail,
+                                  {"route": keeper.route, "opened": keeper.opened, "retry_at": status.retry_at})
+                line = f"{status.status}: {status.detail}"
+                if line != last:
+                    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+                    last = line
+                stop.wait(min(settings["remote.tunnel_interval_seconds"],
+                              max(0.5, (status.retry_at or 0) - time.time()) if status.retry_at else
+                              settings["remote.tunnel_interval_seconds"]))
+        finally:
+            keeper.close()
+    print("tunnel closed")
     return 0
 
 
@@ -695,6 +821,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ops data to copy (default: storage.ops_url, unless --from is given)")
     p.add_argument("--ops-to", dest="ops_target", metavar="URL", help="where the ops data goes (default: --to)")
     p.add_argument("--board-only", action="store_true", help="copy the board, not the ops data")
+    remote_cmd = sub.add_parser("remote", help="remote hosts over SSH: check, push, tunnel, trust a host key")
+    rsub = remote_cmd.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
+    p = add(rsub, "check", cmd_remote_check, "log in to each remote host (key verified) and say how it "
+            "went; read the GPU hosts' GPUs", store=False)
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these hosts (default: all)")
+    add(rsub, "push", cmd_remote_push, "copy the latest export to remote.push_host now (only changed files)")
+    p = add(rsub, "tunnel", cmd_remote_tunnel, "hold the reverse tunnel in the foreground until Ctrl-C "
+            "(the runner's tunnel job does this when it runs)", json_out=False)
+    p.add_argument("--check", action="store_true", help="only probe the tunnel end to end, once")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    p = add(rsub, "trust-host", cmd_remote_trust, "show a remote host's key fingerprint and record it in "
+            "its known_hosts", store=False, json_out=False)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--fingerprint", metavar="SHA256:...", help="record the key only if it has this fingerprint")
+    p.add_argument("--yes", action="store_true", help="record the key without asking")
+    p.add_argument("--replace", action="store_true", help="replace a different key recorded for the host")
     add(sub, "hosts", cmd_hosts, "the fleet: every host's runner, state, capacity, open runs, GPUs, labels")
     add(sub, "export", cmd_export, "write the board as CSV and JSON into export.dir (see docs/export.md)")
     p = add(sub, "metrics", cmd_metrics, "sprint metrics over the review window")

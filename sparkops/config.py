@@ -49,6 +49,7 @@ RESERVED_ENV = frozenset(
         "SPARKOPS_TELEGRAM_CHAT_ID",
         "SPARKOPS_VLLM_API_KEY",
         "SPARKOPS_SERVICES",
+        "SPARKOPS_REMOTES",
         "SPARKOPS_TASK_ID",
         "SPARKOPS_RUN_ID",
         "SPARKOPS_WORKSPACE",
@@ -433,6 +434,94 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting(
+        "remote.connect_timeout_seconds", "float", 10.0,
+        "The longest an SSH connection to a remote host (TCP, banner, authentication) may take.",
+        minimum=0.1, maximum=300,
+    ),
+    Setting(
+        "remote.io_timeout_seconds", "float", 30.0,
+        "The longest one remote operation may wait for the other side (an SFTP write, a "
+        "command's output); past it the operation fails and the job says so.",
+        minimum=0.1, maximum=3600,
+    ),
+    Setting(
+        "remote.keepalive_seconds", "float", 15.0,
+        "SSH keepalives on every remote connection, and the TCP keepalive idle time of its "
+        "socket, so a dead peer is noticed.",
+        minimum=1, maximum=3600,
+    ),
+    Setting(
+        "remote.push_host", "str", "",
+        "The remote host (a [remotes.NAME] table) that the push job copies the export to. "
+        "Empty: the push job is off.",
+        optional=True,
+    ),
+    Setting(
+        "remote.push_dir", "str", "sparkops-export",
+        "The directory on the push host that receives the export's files (relative to the "
+        "login directory unless absolute); created if missing.",
+    ),
+    Setting(
+        "remote.push_interval_seconds", "float", 300.0,
+        "How often the push job runs (the seed pushed every 5 minutes).",
+        minimum=1,
+    ),
+    Setting(
+        "remote.tunnel_host", "str", "",
+        "The remote host (a [remotes.NAME] table) that gets the reverse tunnel to this host's "
+        "app. Empty: the tunnel job is off.",
+        optional=True,
+    ),
+    Setting(
+        "remote.tunnel_mode", "str", "paramiko",
+        "paramiko: SparkOps holds the SSH connection and its port forward itself; openssh: it "
+        "supervises an `ssh -N -R` process (with ExitOnForwardFailure) instead.",
+        choices=("paramiko", "openssh"),
+    ),
+    Setting(
+        "remote.tunnel_remote_address", "str", "127.0.0.1",
+        "The address the tunnel listens on at the remote host (loopback: only that host's "
+        "proxy reaches it).",
+    ),
+    Setting(
+        "remote.tunnel_remote_port", "int", 19300,
+        "The port the tunnel listens on at the remote host.",
+        minimum=1, maximum=65535,
+    ),
+    Setting(
+        "remote.tunnel_local_port", "int", 0,
+        "The local port the tunnel leads to (on 127.0.0.1). 0: ui.port, the app.",
+        minimum=0, maximum=65535,
+    ),
+    Setting(
+        "remote.tunnel_probe_path", "str", "/_stcore/health",
+        "The HTTP path requested through the tunnel, end to end, to tell that it works.",
+    ),
+    Setting(
+        "remote.tunnel_interval_seconds", "float", 30.0,
+        "How often the tunnel job probes the tunnel (and reconnects a broken one, with backoff).",
+        minimum=1,
+    ),
+    Setting(
+        "remote.tunnel_backoff_max_seconds", "float", 300.0,
+        "The longest wait between reconnection attempts (the wait starts at 1 s and doubles).",
+        minimum=1,
+    ),
+    Setting(
+        "remote.ssh_binary", "str", "ssh",
+        "The OpenSSH client for remote.tunnel_mode = openssh.",
+    ),
+    Setting(
+        "remote.gpu_hosts", "list", [],
+        "Remote hosts (names of [remotes.NAME] tables) whose GPUs the remote-gpu job reads over "
+        "SSH with nvidia-smi, for the GPU page.",
+    ),
+    Setting(
+        "remote.gpu_interval_seconds", "float", 60.0,
+        "How often the remote-gpu job reads the remote hosts' GPUs.",
+        minimum=1,
+    ),
+    Setting(
         "ui.address", "str", "127.0.0.1",
         "Address the Streamlit app binds to. Anything but loopback needs a UI password "
         "(SPARKOPS_UI_PASSWORD or .streamlit/secrets.toml) or ui.allow_unauthenticated_remote.",
@@ -460,6 +549,16 @@ class Settings:
     source: Path | None = None  # the config file that was read, if any
     base_dir: Path = field(default_factory=Path.cwd)
     services: tuple["ServiceSpec", ...] = ()
+    remotes: tuple["RemoteSpec", ...] = ()
+
+    def remote(self, name: str) -> "RemoteSpec":
+        """The remote host ``name`` (a ``[remotes.NAME]`` table); ConfigError if none."""
+        for spec in self.remotes:
+            if spec.name == name:
+                return spec
+        known = ", ".join(r.name for r in self.remotes) or "none is configured"
+        raise ConfigError(f"no remote host {name!r} in the settings (remotes: {known}); add a "
+                          f"[remotes.{name}] table with its address (see docs/configuration.md)")
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -508,6 +607,7 @@ def load_settings(
     for setting in SETTINGS:
         values[setting.key] = _resolve(setting, setting.default, base_dir, "default")
     file_services = file_values.pop("services", {})
+    file_remotes = file_values.pop("remotes", {})
     for key, value in file_values.items():
         values[key] = _resolve(SETTINGS_BY_KEY[key], value, base_dir, where)
     for key, value in _env_values(env).items():
@@ -521,7 +621,8 @@ def load_settings(
             except re.error as exc:
                 raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
     services = load_services(values, file_services, where, env.get("SPARKOPS_SERVICES"), base_dir)
-    return Settings(values=values, source=source, base_dir=base_dir, services=services)
+    remotes = load_remotes(values, file_remotes, where, env.get("SPARKOPS_REMOTES"), base_dir)
+    return Settings(values=values, source=source, base_dir=base_dir, services=services, remotes=remotes)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -535,8 +636,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
     flat: dict[str, Any] = {}
     for section, table in data.items():
-        if section == "services":
-            flat["services"] = table
+        if section in ("services", "remotes"):
+            flat[section] = table
             continue
         if section.lower() in SECRET_KEYS:
             raise _secret_error(section, path)
@@ -771,7 +872,7 @@ DEFAULT_SERVICES: dict[str, dict[str, Any]] = {
     "gateway": {"check": "tcp", "host": "127.0.0.1", "port": 4860},
     "redis": {"check": "redis", "host": "127.0.0.1", "port": 6379},
     "ui": {"check": "http", "url": "http://127.0.0.1:{ui_port}/_stcore/health"},
-    "tunnel": {"check": "process", "pattern": r"ssh .*-R"},
+    "tunnel": {"check": "process", "pattern": r"ssh .*-R"},  # off when remote.tunnel_host is set
 }
 
 
@@ -827,6 +928,9 @@ def load_services(values: Mapping[str, Any], from_file: Any, where: str, from_en
                         + ", ".join(f.name for f in SERVICE_FIELDS))
             merged.setdefault(name, {}).update(fields)
             sources[name] = origin
+    if values["remote.tunnel_host"] and sources["tunnel"] == "default":
+        # SparkOps holds the tunnel itself (sparkops.tunnel): no `ssh -R` process to look for
+        merged["tunnel"]["enabled"] = False
     return tuple(_service(name, fields, sources[name], base_dir) for name, fields in merged.items())
 
 
@@ -872,6 +976,129 @@ def _service(name: str, fields: dict[str, Any], where: str, base_dir: Path) -> S
                                           "executable; give the full path of the restart command")
     values["restart_argv"] = tuple(values["restart_argv"])
     return ServiceSpec(name=name, **values)
+
+
+# -- remote hosts ----------------------------------------------------------------------
+#
+# The hosts SparkOps reaches over SSH are tables, one per host:
+#
+#     [remotes.vps]
+#     address = "vps.example.net"
+#     user = "sparkops"
+#     key_file = "~/.ssh/sparkops_ed25519"
+#
+# and are named by remote.push_host, remote.tunnel_host, remote.gpu_hosts and by
+# another host's jump. There are none by default: nothing is contacted until an
+# operator declares a host. Each field is declared once in REMOTE_FIELDS.
+
+REMOTE_FIELDS: tuple[Setting, ...] = (
+    Setting("remotes.address", "str", "", "The host name or IP address to connect to (required).",
+            optional=True),
+    Setting("remotes.port", "int", 22, "The SSH port.", minimum=1, maximum=65535),
+    Setting("remotes.user", "str", "", "The user to log in as. Empty: the local user.", optional=True),
+    Setting("remotes.key_file", "path", "",
+            "The private key to log in with. Empty: the keys of ssh-agent and ~/.ssh/id_*. "
+            "A key with a passphrase must be in ssh-agent.", optional=True),
+    Setting("remotes.known_hosts", "path", "~/.ssh/known_hosts",
+            "The known_hosts file the host's key is verified against (OpenSSH's format; "
+            "`python -m sparkops remote trust-host NAME` records a key there after showing its "
+            "fingerprint). An unknown or changed key is refused."),
+    Setting("remotes.jump", "str", "",
+            "Another remote host to connect through (like ssh -J). Empty: connect directly.",
+            optional=True),
+    Setting("remotes.nvidia_smi", "str", "nvidia-smi",
+            "The nvidia-smi command on that host, for the remote-gpu job."),
+)
+REMOTE_FIELDS_BY_NAME: dict[str, Setting] = {f.name: f for f in REMOTE_FIELDS}
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    """One remote host (see REMOTE_FIELDS)."""
+
+    name: str
+    address: str
+    port: int
+    user: str
+    key_file: Path | None
+    known_hosts: Path
+    jump: str
+    nvidia_smi: str
+
+    @property
+    def destination(self) -> str:
+        """``user@address:port`` for messages."""
+        return f"{self.user}@{self.address}:{self.port}"
+
+
+def load_remotes(values: Mapping[str, Any], from_file: Any, where: str, from_env: str | None,
+                 base_dir: Path) -> tuple[RemoteSpec, ...]:
+    """The ``[remotes.NAME]`` tables of the file and ``SPARKOPS_REMOTES``, checked, and
+    every reference to one (push, tunnel, GPU hosts, jumps) resolved. Raises
+    ConfigError naming remotes.NAME.FIELD or the setting that names a missing host."""
+    import getpass
+
+    layers: list[tuple[Any, str]] = [(from_file, where)]
+    if from_env:
+        try:
+            layers.append((json.loads(from_env), "in environment variable SPARKOPS_REMOTES"))
+        except ValueError:
+            raise ConfigError("SPARKOPS_REMOTES must be a JSON object of remote hosts, e.g. "
+                              '\'{"vps": {"address": "vps.example.net"}}\'') from None
+    merged: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    for layer, origin in layers:
+        if not isinstance(layer, dict):
+            raise ConfigError(f"remotes must be tables, one per host ([remotes.NAME]) ({origin})")
+        for name, fields in layer.items():
+            if not isinstance(fields, dict):
+                raise ConfigError(f"remotes.{name} must be a table ([remotes.{name}]) ({origin})")
+            for field_name in fields:
+                if field_name.lower() in SECRET_KEYS:
+                    raise ConfigError(f"remotes.{name}.{field_name} looks like a secret; secrets never "
+                                      f"go in sparkops.toml: use key_file or ssh-agent ({origin})")
+                if field_name not in REMOTE_FIELDS_BY_NAME:
+                    raise ConfigError(f"unknown field remotes.{name}.{field_name} ({origin}); fields: "
+                                      + ", ".join(f.name for f in REMOTE_FIELDS))
+            merged.setdefault(name, {}).update(fields)
+            sources[name] = origin
+    remotes: dict[str, RemoteSpec] = {}
+    for name, fields in merged.items():
+        resolved: dict[str, Any] = {}
+        for spec in REMOTE_FIELDS:
+            named = Setting(f"remotes.{name}.{spec.name}", spec.kind, spec.default, spec.help,
+                            spec.minimum, spec.maximum, spec.choices, spec.optional)
+            resolved[spec.name] = _resolve(named, fields.get(spec.name, spec.default), base_dir,
+                                           sources[name])
+        if not str(resolved["address"]).strip():
+            raise ConfigError(f"remotes.{name}.address is required: the host name or IP address to "
+                              f"connect to ({sources[name]})")
+        resolved["user"] = resolved["user"] or getpass.getuser()
+        resolved["key_file"] = resolved["key_file"] or None
+        remotes[name] = RemoteSpec(name=name, **resolved)
+
+    def known(key: str, name: str, origin: str) -> None:
+        if name not in remotes:
+            listed = ", ".join(remotes) or "none is configured"
+            raise ConfigError(f"{key} names the remote host {name!r}, which has no [remotes.{name}] "
+                              f"table (remotes: {listed}) ({origin})")
+
+    for key in ("remote.push_host", "remote.tunnel_host"):
+        if values[key]:
+            known(key, values[key], "settings")
+    for name in values["remote.gpu_hosts"]:
+        known("remote.gpu_hosts", name, "settings")
+    for name, spec in remotes.items():
+        seen = [name]
+        hop = spec.jump
+        while hop:
+            known(f"remotes.{seen[-1]}.jump", hop, sources[seen[-1]])
+            if hop in seen:
+                raise ConfigError(f"remotes.{name}.jump goes round in a circle ({' -> '.join(seen + [hop])}); "
+                                  f"a jump host must not lead back ({sources[name]})")
+            seen.append(hop)
+            hop = remotes[hop].jump
+    return tuple(remotes.values())
 
 
 @dataclass(frozen=True)

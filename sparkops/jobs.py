@@ -55,8 +55,21 @@ class JobContext:
     shims: "ShimTracker | None" = None
     #: secrets, loaded by the entry point (jobs never read the environment)
     secrets: Secrets = field(default_factory=Secrets)
-    #: what a job saw last time, for jobs that can skip work when nothing changed
+    #: what a job saw last time, for jobs that can skip work when nothing changed; and
+    #: what a job keeps open between runs in the runner (the tunnel), closed by close()
     memo: dict[str, Any] = field(default_factory=dict)
+    #: True in the long-lived jobs runner: a job may keep things open between runs
+    resident: bool = False
+
+    def close(self) -> None:
+        """Close what jobs kept open in :attr:`memo` (the runner is stopping)."""
+        for name, value in list(self.memo.items()):
+            closer = getattr(value, "close", None)
+            if callable(closer):
+                try:
+                    closer()
+                except Exception as exc:  # noqa: BLE001 - closing one must not stop the others
+                    log.warning("closing what job %s kept open failed: %s", name, exc)
 
     @classmethod
     def create(cls, settings: Settings, store: Store, shims: "ShimTracker | None" = None,
@@ -111,7 +124,7 @@ class JobRun:
 def registry() -> dict[str, JobSpec]:
     """Every job, by name."""
     # Imported here: the job modules import JobContext and JobReport from this one.
-    from sparkops import disk, dispatch, export, gpu, reclaim, review, watchdog
+    from sparkops import disk, dispatch, export, gpu, push, reclaim, remote_gpu, review, tunnel, watchdog
 
     specs = [
         JobSpec("dispatch", dispatch.run, "dispatch.interval_seconds",
@@ -131,6 +144,14 @@ def registry() -> dict[str, JobSpec]:
                 fleet=True),
         JobSpec("export", export.run, "export.interval_seconds",
                 "Write the board as CSV and JSON into export.dir (the files replaced atomically)."),
+        JobSpec("push", push.run, "remote.push_interval_seconds",
+                "Copy the latest export to remote.push_host over SFTP (only changed files, each "
+                "renamed into place whole)."),
+        JobSpec("tunnel", tunnel.run, "remote.tunnel_interval_seconds",
+                "Keep the reverse tunnel to the app open on remote.tunnel_host: probe it end to end, "
+                "reconnect with backoff."),
+        JobSpec("remote-gpu", remote_gpu.run, "remote.gpu_interval_seconds",
+                "Read the GPUs of remote.gpu_hosts over SSH with nvidia-smi, for the GPU page."),
     ]
     return {spec.name: spec for spec in specs}
 

@@ -138,6 +138,7 @@ class Runner:
                 continue
         if self.ctx.shims is not None:
             self.ctx.shims.stop_standby()
+        self.ctx.close()
         self.heartbeat_host(stopping=True)
 
     def request_stop(self, reason: str = "requested") -> None:
@@ -202,7 +203,9 @@ def install_stop_handlers(stop: threading.Event,
 
 def new_context(settings: Settings, store) -> JobContext:
     """The runner's job context: it tracks the shims it starts; secrets for alerts."""
-    return JobContext.create(settings, store, shims=ShimTracker(), secrets=load_secrets())
+    ctx = JobContext.create(settings, store, shims=ShimTracker(), secrets=load_secrets())
+    ctx.resident = True  # jobs may keep things open between runs (the tunnel)
+    return ctx
 
 
 # -- one runner per host -----------------------------------------------------------------

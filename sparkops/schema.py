@@ -368,6 +368,22 @@ ops_task_requirements = Table(
     PrimaryKeyConstraint("task_id", "label"),
 )
 
+#: What this host knows of its remote hosts (issue 8): the tunnel's state, the last
+#: push's manifest, another host's GPUs. One row per (host, kind, remote).
+ops_remote = Table(
+    "ops_remote",
+    ops_metadata,
+    Column("host", Text, nullable=False),  # this SparkOps host
+    Column("kind", Text, nullable=False),  # tunnel | push | gpu
+    Column("remote", Text, nullable=False),  # the [remotes.NAME] it is about
+    Column("status", Text, nullable=False),  # up | down | connecting | ok | error | off
+    Column("since", Epoch, nullable=False),  # when the status last changed
+    Column("checked_at", Epoch, nullable=False),
+    Column("detail", Text),  # one line for people
+    Column("data", Text),  # JSON: the push manifest, the GPU snapshot, the tunnel's numbers
+    PrimaryKeyConstraint("host", "kind", "remote"),
+)
+
 
 # -- migrations ------------------------------------------------------------------
 
@@ -405,6 +421,7 @@ OPS_MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "ops_task_phases, ops_phase_boundaries, ops_events, ops_reports", _ops_v2),
     Migration(5, "ops_audit", _ops_v2),
     Migration(6, "ops_task_requirements", _ops_v2),
+    Migration(7, "ops_remote", _ops_v2),
 )
 
 BOARD_SCHEMA_VERSION = BOARD_MIGRATIONS[-1].version

@@ -208,3 +208,34 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "sparkops", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# -- a real OpenSSH server (tests/sshd.py) ----------------------------------------------------
+
+
+@pytest.fixture
+def ssh_server(tmp_path: Path) -> Iterator[Any]:
+    """A real sshd on a free loopback port, with its own host key and a client key."""
+    import sshd
+
+    if not sshd.available():
+        if IN_CI:
+            pytest.fail("OpenSSH's sshd is required in CI (scripts/test installs openssh-server)")
+        pytest.skip("sshd is not installed (apt-get install openssh-server)")
+    server = sshd.SshServer(tmp_path / "sshd").start()
+    yield server
+    server.stop()
+
+
+def remote_env(server: Any, tmp_path: Path, *, name: str = "vps", trusted: bool = True,
+               **fields: Any) -> dict[str, str]:
+    """``SPARKOPS_REMOTES`` naming ``server`` as remote host ``name``; its key is in the
+    test's known_hosts file when ``trusted``."""
+    import json
+
+    known = tmp_path / "known_hosts"
+    if trusted and not known.exists():
+        known.write_text(server.known_hosts_line())
+    spec = {"address": "127.0.0.1", "port": server.port, "key_file": str(server.client_key),
+            "known_hosts": str(known), **fields}
+    return {"SPARKOPS_REMOTES": json.dumps({name: spec})}

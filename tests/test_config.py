@@ -267,7 +267,7 @@ def test_unknown_variable_of_a_section_is_refused(tmp_path, name):
 
 
 def test_reserved_and_unrelated_variables_are_ignored(tmp_path):
-    env = {name: "garbage" for name in RESERVED_ENV if name not in ("SPARKOPS_CONFIG", "SPARKOPS_SERVICES")}
+    env = {name: "garbage" for name in RESERVED_ENV if name not in ("SPARKOPS_CONFIG", "SPARKOPS_SERVICES", "SPARKOPS_REMOTES")}
     env.update({"SPARKOPS_CONFIG": "", "SPARKOPS_WHATEVER": "x", "SPARKOPS_LOG_LEVEL": "DEBUG",
                 "SPARKOPS_TEST_PG": "postgresql://x", "sparkops_storage_foo": "1",
                 "OTHER_STORAGE_FOO": "1"})

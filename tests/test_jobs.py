@@ -79,8 +79,8 @@ def test_a_job_that_raises_is_recorded_with_its_error_and_does_not_raise(ctx, sq
 
 
 def test_the_real_jobs_record_cli_runs_and_skip_idle_ticks(ctx, sqlite_store, tmp_path):
-    assert sorted(registry()) == ["disk", "dispatch", "export", "gpu-sample", "promote", "reclaim", "review",
-                                  "watchdog"]
+    assert sorted(registry()) == ["disk", "dispatch", "export", "gpu-sample", "promote", "push", "reclaim",
+                                  "remote-gpu", "review", "tunnel", "watchdog"]
     for name in ("promote", "reclaim", "dispatch"):  # an empty board: nothing to do
         result = run_job(ctx, name, now=NOW, trigger="schedule")
         assert result.ok and not result.acted, (name, result)
@@ -190,7 +190,8 @@ def test_job_list_shows_every_job_with_its_interval_from_the_settings(sqlite_sto
     assert [line.split()[:3] for line in lines] == [
         ["dispatch", "every", "0.5s"], ["reclaim", "every", "12s"], ["promote", "every", "2.5s"],
         ["watchdog", "every", "300s"], ["disk", "every", "300s"], ["gpu-sample", "every", "30s"],
-        ["review", "every", "600s"], ["export", "every", "300s"]]
+        ["review", "every", "600s"], ["export", "every", "300s"], ["push", "every", "300s"],
+        ["tunnel", "every", "30s"], ["remote-gpu", "every", "60s"]]
     assert "(reclaim.interval_seconds)" in lines[1]
 
     as_json = json.loads(run_cli("job", "list", "--json", cwd=tmp_path, env=env).stdout)
@@ -203,6 +204,9 @@ def test_job_list_shows_every_job_with_its_interval_from_the_settings(sqlite_sto
         "gpu-sample": (30.0, "gpu.sample_interval_seconds"),
         "review": (600.0, "review.interval_seconds"),
         "export": (300.0, "export.interval_seconds"),
+        "push": (300.0, "remote.push_interval_seconds"),
+        "tunnel": (30.0, "remote.tunnel_interval_seconds"),
+        "remote-gpu": (60.0, "remote.gpu_interval_seconds"),
     }
     assert all(r["help"] for r in as_json)
 
@@ -211,7 +215,7 @@ def test_an_unknown_job_is_exit_1_with_the_list_of_jobs(sqlite_store, tmp_path):
     result = run_cli("job", "run", "nope", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == ("sparkops: error: job 'nope' (jobs: disk, dispatch, export, gpu-sample, "
-                                     "promote, reclaim, review, watchdog) not found")
+                                     "promote, push, reclaim, remote-gpu, review, tunnel, watchdog) not found")
     assert result.stdout == ""
 
 

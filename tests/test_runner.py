@@ -89,7 +89,8 @@ def test_intervals_come_from_the_settings(sqlite_store, tmp_path):
                              SPARKOPS_DISPATCH_INTERVAL_SECONDS="0.5")
     runner = Runner(JobContext.create(settings, sqlite_store))
     assert runner.intervals() == {"dispatch": 0.5, "reclaim": 30.0, "promote": 2.5, "watchdog": 300.0,
-                                  "disk": 300.0, "gpu-sample": 30.0, "review": 600.0, "export": 300.0}
+                                  "disk": 300.0, "gpu-sample": 30.0, "review": 600.0, "export": 300.0,
+                                  "push": 300.0, "tunnel": 30.0, "remote-gpu": 60.0}
 
 
 def test_a_failing_job_is_logged_and_stays_scheduled(sqlite_store, tmp_path, caplog):

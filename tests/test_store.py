@@ -110,9 +110,9 @@ def test_newer_ops_schema_is_refused(tmp_path):
     settings = make_settings(tmp_path)
     open_store(settings, create=True, now=NOW).dispose()
     with sqlite3.connect(tmp_path / "data" / "sparkops.db") as conn:
-        conn.execute("UPDATE ops_schema_version SET version = 7")
+        conn.execute("UPDATE ops_schema_version SET version = 8")
     conn.close()
-    with pytest.raises(StorageError, match="ops database .* schema version 7"):
+    with pytest.raises(StorageError, match="ops database .* schema version 8"):
         open_store(settings)
 
 
