@@ -45,6 +45,10 @@ def show_health(health: ops_view.Health) -> None:
             help="\n\n".join(views.md_escape(f"{s.name} ({s.check}): {s.detail}") for s in health.services))
     else:
         st.caption("No service is watched on this host.")
+    if health.remotes:
+        st.markdown("**Remote** · " + " · ".join(
+            f"{r.icon} {views.md_escape(r.what)} {r.status}" for r in health.remotes),
+            help="\n\n".join(views.md_escape(f"{r.what}: {r.detail}") for r in health.remotes))
     disks = " · ".join(f"{u.path} {u.percent:.0f}%" if u.error is None else u.error for u in health.disks)
     review = (f"last review {views.duration(health.now - health.review_at)} ago"
               if health.review_at else "no sprint review yet")

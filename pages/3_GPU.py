@@ -5,7 +5,7 @@ import time
 import streamlit as st
 
 from sparkops import actions
-from sparkops.ui import data, page, views
+from sparkops.ui import data, ops_view, page, views
 from sparkops.ui import review_view as rv
 
 ctx = page.start("GPU")
@@ -40,16 +40,47 @@ def devices_now() -> None:
         st.caption("No process uses a GPU.")
 
 
+@st.fragment(run_every=page.REFRESH_SECONDS)
+def other_hosts() -> None:
+    names = ctx.settings["remote.gpu_hosts"]
+    if not names:
+        return
+    st.subheader("Other hosts")
+    with page.guard():
+        recorded = ops_view.remote_gpus(ctx)
+    for name in names:
+        state, snapshot = recorded.get(name, (None, None))
+        st.markdown(f"**{views.md_escape(name)}** · over SSH with nvidia-smi")
+        if state is None:
+            st.caption(f"Not read yet: the remote-gpu job reads it every "
+                       f"{ctx.settings['remote.gpu_interval_seconds']:g}s.")
+            continue
+        read = f"read {views.when(state.checked_at)}"
+        if snapshot is None or not snapshot.available:
+            st.warning(f"{views.md_escape(state.detail)} ({read})", icon="⚠️")
+            continue
+        st.caption(f"{snapshot.reason} · driver {snapshot.driver_version or '?'} · {read}")
+        for device in snapshot.devices:
+            st.markdown(rv.device_title(device))
+            for column, (label, value, help_) in zip(st.columns(4), rv.device_tiles(device)):
+                column.metric(label, value, help=help_)
+        if snapshot.processes:
+            st.dataframe(rv.processes_frame(snapshot), hide_index=True)
+
+
 @st.fragment(run_every=rv.SLOW_REFRESH_SECONDS)
 def history() -> None:
     st.subheader("History")
-    hours = st.selectbox("Range", rv.HISTORY_HOURS, index=rv.HISTORY_HOURS.index(rv.DEFAULT_HISTORY_HOURS),
-                         format_func=rv.hours_label,
-                         key="gpu_history_hours")
+    hosts = [job_ctx.host, *ctx.settings["remote.gpu_hosts"]]
+    range_col, host_col = st.columns(2)
+    hours = range_col.selectbox("Range", rv.HISTORY_HOURS,
+                                index=rv.HISTORY_HOURS.index(rv.DEFAULT_HISTORY_HOURS),
+                                format_func=rv.hours_label, key="gpu_history_hours")
+    host = host_col.selectbox("Host", hosts, key="gpu_history_host") if len(hosts) > 1 else hosts[0]
     with page.guard():
-        frame = rv.gpu_history(ctx.store.ops, job_ctx.host, hours)
+        frame = rv.gpu_history(ctx.store.ops, host, hours)
     if frame.empty:
-        st.caption(f"No GPU sample of {job_ctx.host} in the last {rv.hours_label(hours)}. The runner "
+        st.caption(f"No GPU sample of {host} in the last {rv.hours_label(hours)}. The runner "
                    f"stores one every {ctx.settings['gpu.sample_interval_seconds']:g}s; "
                    "**Sample now** stores one.")
         return
@@ -84,5 +115,6 @@ def vllm() -> None:
 
 
 devices_now()
+other_hosts()
 history()
 vllm()

@@ -56,6 +56,13 @@ def jobs_view() -> None:
         with st.expander(f"Other hosts ({len(others)})"):
             st.dataframe(ops_view.hosts_frame(others, now), hide_index=True)
 
+    remotes = ops_view.remote_lines(ctx.settings, ops_view.remote_states(ctx.store.ops, HOST))
+    if remotes:
+        st.subheader("Remote hosts")
+        st.caption("The tunnel, the push and the remote GPU hosts configured here ([remote] settings), "
+                   "with what their jobs last recorded.")
+        st.dataframe(ops_view.remote_frame(remotes, now), hide_index=True)
+
     st.subheader("Jobs")
     for line in ops_view.job_lines(SPECS, ctx.settings, last, runner, now):
         with st.container(border=True):

@@ -27,7 +27,8 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import desc, func, select
 
-from sparkops import actions, alerts, board, disk, export, fleet, gpu, jobs, phases, playbook, queries, services
+from sparkops import (actions, alerts, board, disk, export, fleet, gpu, jobs, phases, playbook, queries, remote,
+                      remote_gpu, services)
 from sparkops.clock import epoch
 from sparkops.db import Database
 from sparkops.procs import host_name
@@ -419,6 +420,7 @@ class Health:
     stuck: list[str]
     review_at: int | None
     review_fresh: bool
+    remotes: list["RemoteLine"] = field(default_factory=list)
 
     def red(self) -> list[str]:
         """One line per red item: a service down, the runner down, GPU zombies, a
@@ -432,6 +434,7 @@ class Health:
                   for u in self.disks if u.error is None and u.percent > self.disk_threshold]
         if self.review_fresh:
             lines += self.stuck
+        lines += [f"{r.what} is {r.status}: {r.detail}" for r in self.remotes if r.red]
         return lines
 
 
@@ -448,7 +451,8 @@ def health(ctx: data.AppContext, *, at: int | None = None) -> Health:
         capacity_used=open_runs_on(store.board, host), capacity_total=settings["dispatch.max_in_progress"],
         snapshot=snapshot, zombies=_zombies(snapshot, settings, states),
         disks=disk_usage(settings["disk.paths"]), disk_threshold=settings["disk.threshold_percent"],
-        review=review_metrics(store.ops), review_interval=settings["review.interval_seconds"])
+        review=review_metrics(store.ops), review_interval=settings["review.interval_seconds"],
+        remotes=remote_lines(settings, remote_states(store.ops, host)))
 
 
 def _zombies(snapshot: gpu.GpuSnapshot, settings: Any,
@@ -466,7 +470,7 @@ def assemble_health(*, now: int, host: str, specs: Iterable[Any], states: Mappin
                     runner: RunnerStatus, capacity_used: int, capacity_total: int,
                     snapshot: gpu.GpuSnapshot, zombies: Iterable[gpu.Zombie], disks: list[disk.DiskUsage],
                     disk_threshold: float, review: Mapping[str, Any] | None,
-                    review_interval: float) -> Health:
+                    review_interval: float, remotes: Sequence["RemoteLine"] = ()) -> Health:
     """The pure half of :func:`health`."""
     lines = []
     for spec in specs:
@@ -482,7 +486,84 @@ def assemble_health(*, now: int, host: str, specs: Iterable[Any], states: Mappin
         now=now, host=host, services=lines, runner=runner, capacity_used=capacity_used,
         capacity_total=capacity_total, gpu_available=snapshot.available, gpu_summary=gpu_summary(snapshot),
         zombies=gpu.explain(zombies), disks=list(disks), disk_threshold=disk_threshold,
-        stuck=stuck_lines((review or {}).get("stuck")), review_at=review_at, review_fresh=fresh)
+        stuck=stuck_lines((review or {}).get("stuck")), review_at=review_at, review_fresh=fresh,
+        remotes=list(remotes))
+
+
+# -- remote hosts (issue 8) -------------------------------------------------------------
+
+REMOTE_ICON = {"up": "🟢", "ok": "🟢", "down": "🔴", "error": "🔴"}
+
+
+@dataclass(frozen=True)
+class RemoteLine:
+    """One remote role configured on this host (the tunnel, the push, a GPU host) and
+    its last recorded state."""
+
+    kind: str  # tunnel | push | gpu
+    remote: str
+    status: str  # up | down | ok | error | not run yet
+    since: int | None
+    checked_at: int | None
+    detail: str
+
+    @property
+    def what(self) -> str:
+        return {"tunnel": f"the tunnel to {self.remote}", "push": f"the push to {self.remote}",
+                "gpu": f"the GPUs of {self.remote}"}.get(self.kind, f"{self.kind} {self.remote}")
+
+    @property
+    def icon(self) -> str:
+        return REMOTE_ICON.get(self.status, "⚪")
+
+    @property
+    def red(self) -> bool:
+        return self.status in ("down", "error") and self.kind in ("tunnel", "push")
+
+
+def remote_states(ops: Database, host: str) -> list[remote.RemoteState]:
+    return _remote_states(ops, ops.url, host)
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def _remote_states(_ops: Database, url: str, host: str) -> list[remote.RemoteState]:
+    return remote.states(_ops, host)
+
+
+def remote_lines(settings: Any, states: Iterable[remote.RemoteState]) -> list[RemoteLine]:
+    """The remote roles the settings configure, each with its recorded state (or
+    "not run yet"); roles no longer configured are left out."""
+    by_key = {(s.kind, s.remote): s for s in states}
+    wanted = ([("tunnel", settings["remote.tunnel_host"])] if settings["remote.tunnel_host"] else []) \
+        + ([("push", settings["remote.push_host"])] if settings["remote.push_host"] else []) \
+        + [("gpu", name) for name in settings["remote.gpu_hosts"]]
+    lines = []
+    for kind, name in wanted:
+        state = by_key.get((kind, name))
+        lines.append(RemoteLine(kind, name, state.status if state else "not run yet",
+                                state.since if state else None, state.checked_at if state else None,
+                                state.detail if state else "the runner has not run this job yet"))
+    return lines
+
+
+def remote_frame(lines: Iterable[RemoteLine], now: int) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "": line.icon, "role": line.kind, "host": line.remote, "state": line.status,
+        "since": duration(now - line.since) + " ago" if line.since else "-",
+        "checked": duration(now - line.checked_at) + " ago" if line.checked_at else "-",
+        "detail": line.detail} for line in lines],
+        columns=["", "role", "host", "state", "since", "checked", "detail"])
+
+
+def remote_gpus(ctx: data.AppContext) -> dict[str, tuple[remote.RemoteState, gpu.GpuSnapshot | None]]:
+    """The remote GPU hosts' last snapshots (the remote-gpu job's), by host."""
+    return _remote_gpus(ctx.store.ops, ctx.store.ops.url, this_host(ctx.settings))
+
+
+@st.cache_data(ttl=TTL, show_spinner=False)
+def _remote_gpus(_ops: Database, url: str, host: str) -> dict[str, tuple[remote.RemoteState, gpu.GpuSnapshot | None]]:
+    return {state.remote: (state, remote_gpu.snapshot_from(state.data) if state.data else None)
+            for state in remote.states(_ops, host, remote_gpu.KIND)}
 
 
 def gpu_summary(snapshot: gpu.GpuSnapshot) -> str:
