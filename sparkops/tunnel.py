@@ -306,6 +306,7 @@ def pipe(channel: paramiko.Channel, port: int, timeout: float) -> None:
         return
     try:
         sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small answers go at once
         while True:
             ready, _, _ = select.select([sock, channel], [], [], 60)
             if sock in ready:
