@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -532,8 +533,6 @@ def cmd_remote_tunnel(args, store: Store) -> int:
     if args.check:
         return _run_job(args, store, "tunnel")
     ctx = JobContext.create(settings, store)
-    import threading
-
     stop = threading.Event()
     install_stop_handlers(stop)
     keeper = tunnel.Tunnel(settings)
@@ -548,9 +547,10 @@ def cmd_remote_tunnel(args, store: Store) -> int:
                 if line != last:
                     print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
                     last = line
-                stop.wait(min(settings["remote.tunnel_interval_seconds"],
-                              max(0.5, (status.retry_at or 0) - time.time()) if status.retry_at else
-                              settings["remote.tunnel_interval_seconds"]))
+                interval = settings["remote.tunnel_interval_seconds"]
+                if status.retry_at is not None:  # down: come back when the backoff allows
+                    interval = min(interval, max(0.5, status.retry_at - time.time()))
+                stop.wait(interval)
         finally:
             keeper.close()
     print("tunnel closed")

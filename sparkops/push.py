@@ -124,7 +124,7 @@ def push(ctx: JobContext, *, now: float | None = None, progress: Progress | None
     state = remote.load_state(ctx.store.ops, ctx.host, KIND, host)
     manifest: dict[str, dict[str, Any]] = dict((state.data.get("files") or {}) if state else {})
     result = PushResult(host, directory)
-    with _staged(source) as files:
+    with _Staged(source) as files:
         try:
             with remote.connect(settings, host) as conn:
                 sftp = conn.client.open_sftp()
@@ -207,7 +207,7 @@ def _try_remove(sftp: paramiko.SFTPClient, path: str) -> None:
         log.debug("could not remove %s: %s", path, exc)
 
 
-class _staged:
+class _Staged:
     """The export's files hard-linked (or copied) into a private folder under the
     export's lock: one consistent set to push, whatever the export does meanwhile."""
 

@@ -200,3 +200,28 @@ def settings_host(settings) -> str:
     from sparkops.procs import host_name
 
     return host_name(settings["host.name"])
+
+
+def test_remote_tunnel_holds_it_in_the_foreground_until_ctrl_c(ssh_server, tmp_path, app):
+    env = {**tunnel_env(ssh_server, tmp_path, app),
+           "SPARKOPS_STORAGE_BOARD_URL": f"sqlite:///{tmp_path}/data/kanban.db",
+           "SPARKOPS_STORAGE_OPS_URL": f"sqlite:///{tmp_path}/data/sparkops.db"}
+    settings = make_settings(tmp_path, **env)
+    assert run_cli("init", cwd=tmp_path, env=env).returncode == 0
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SPARKOPS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "sparkops", "remote", "tunnel"], cwd=tmp_path,
+                            env={**full_env, **env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert "up: opened: vps:127.0.0.1:" in first, first + proc.stderr.read() if proc.poll() else first
+        assert through_tunnel(settings) == "page /board?x=1"
+        busy = run_cli("job", "run", "tunnel", cwd=tmp_path, env=env)  # the runner's job would wait
+        assert busy.returncode == 1 and "skipped" in busy.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.strip().endswith("tunnel closed")
+    with pytest.raises(OSError):
+        through_tunnel(settings)
