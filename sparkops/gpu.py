@@ -250,6 +250,12 @@ def _unified_memory(device: GpuDevice, processes: list[GpuProcess], meminfo_path
     except (OSError, ValueError) as exc:
         device.notes.append(f"cannot read {meminfo_path}: {exc}")
         info = {}
+    unified_totals(device, processes, info)
+
+
+def unified_totals(device: GpuDevice, processes: list[GpuProcess], info: Mapping[str, float]) -> None:
+    """A unified-memory device's totals from meminfo values (MiB): total and free from
+    MemTotal and MemAvailable, used from its processes (or MemTotal - MemAvailable)."""
     total, available = info.get("MemTotal"), info.get("MemAvailable")
     device.memory_total_mb = total
     device.memory_free_mb = available

@@ -30,7 +30,7 @@ import csv
 import posixpath
 from dataclasses import dataclass, field
 
-from sparkops.gpu import UNIFIED_NOTE, GpuDevice, GpuProcess, GpuSnapshot
+from sparkops.gpu import UNIFIED_NOTE, GpuDevice, GpuProcess, GpuSnapshot, unified_totals
 
 #: The ``--query-gpu`` fields, in the order :func:`parse` reads them.
 GPU_FIELDS: tuple[str, ...] = (
@@ -261,16 +261,7 @@ def _unified_memory(device: GpuDevice, processes: list[GpuProcess], meminfo: str
                     host: str) -> None:
     """Like :func:`sparkops.gpu._unified_memory`, with the other host's meminfo text."""
     device.notes.append(UNIFIED_NOTE)
-    info = _remote_meminfo(meminfo, host or "the other host", device.notes)
-    total, available = info.get("MemTotal"), info.get("MemAvailable")
-    device.memory_total_mb = total
-    device.memory_free_mb = available
-    known = [p.used_memory_mb for p in processes if p.used_memory_mb is not None]
-    if known:
-        device.memory_used_mb = sum(known)
-    elif total is not None and available is not None:
-        device.memory_used_mb = total - available
-        device.notes.append("no per-process GPU memory known: used = MemTotal - MemAvailable")
+    unified_totals(device, processes, _remote_meminfo(meminfo, host or "the other host", device.notes))
 
 
 def _remote_meminfo(meminfo: str | None, host: str, notes: list[str]) -> dict[str, float]:

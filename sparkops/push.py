@@ -253,9 +253,7 @@ def _record(ctx: JobContext, host: str, status: str, detail: str, manifest: dict
 def _why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out (remote.io_timeout_seconds)"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+    return remote.why(exc)
 
 
 def _size(n: int) -> str:

@@ -222,7 +222,7 @@ def _login(spec: RemoteSpec, sock: Any, settings: Settings) -> paramiko.SSHClien
     except (paramiko.SSHException, OSError, EOFError) as exc:
         client.close()
         raise Unreachable(name, f"no SSH conversation with {name} at {spec.address}:{spec.port}: "
-                                f"{_why(exc)}") from None
+                                f"{why(exc)}") from None
     return client
 
 
@@ -232,7 +232,7 @@ def _socket(spec: RemoteSpec, settings: Settings) -> socket.socket:
         raw = socket.create_connection((spec.address, spec.port), timeout=timeout)
     except OSError as exc:
         raise Unreachable(spec.name, f"cannot reach {spec.name} at {spec.address}:{spec.port}: "
-                                     f"{_why(exc)}") from None
+                                     f"{why(exc)}") from None
     sock = _QuickAckSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
     sock.settimeout(timeout)
     keepalive(sock, settings["remote.keepalive_seconds"])
@@ -270,10 +270,11 @@ def _channel_via(jump: Connection, spec: RemoteSpec, timeout: float) -> paramiko
                                       timeout=timeout)
     except (paramiko.SSHException, OSError) as exc:
         raise Unreachable(spec.name, f"the jump host {spec.jump} cannot reach {spec.name} at "
-                                     f"{spec.address}:{spec.port}: {_why(exc)}") from None
+                                     f"{spec.address}:{spec.port}: {why(exc)}") from None
 
 
-def _why(exc: BaseException) -> str:
+def why(exc: BaseException) -> str:
+    """An OS or SSH error in a few words, for messages."""
     if isinstance(exc, socket.timeout):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
@@ -309,7 +310,7 @@ def run(client: paramiko.SSHClient, argv: list[str], *, timeout: float, host: st
                                 f"{timeout:g}s (remote.io_timeout_seconds)") from None
     except (paramiko.SSHException, OSError, EOFError) as exc:
         raise Unreachable(host, f"running {argv[0]} on {host or 'the remote host'} failed: "
-                                f"{_why(exc)}") from None
+                                f"{why(exc)}") from None
     return Completed(tuple(argv), code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
 
 
@@ -330,7 +331,7 @@ def scan_key(settings: Settings, name: str) -> paramiko.PKey:
             return transport.get_remote_server_key()
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise Unreachable(name, f"no SSH handshake with {name} at {spec.address}:{spec.port}: "
-                                    f"{_why(exc)}") from None
+                                    f"{why(exc)}") from None
         finally:
             transport.close()
     finally:

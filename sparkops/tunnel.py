@@ -78,7 +78,7 @@ def http_probe(open_channel: Any, path: str, timeout: float) -> tuple[int | None
     try:
         chan = open_channel()
     except (paramiko.SSHException, OSError, EOFError) as exc:
-        return None, _why(exc)
+        return None, remote.why(exc)
     try:
         chan.settimeout(timeout)
         chan.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
@@ -89,7 +89,7 @@ def http_probe(open_channel: Any, path: str, timeout: float) -> tuple[int | None
                 break
             data += chunk
     except (paramiko.SSHException, OSError, EOFError) as exc:
-        return None, _why(exc)
+        return None, remote.why(exc)
     finally:
         chan.close()
     line = data.split(b"\r\n", 1)[0].decode("latin-1")
@@ -156,7 +156,7 @@ class Tunnel:
             try:
                 self._open()
             except (remote.RemoteError, paramiko.SSHException, OSError, EOFError) as exc:
-                return self._failed(ts, f"cannot open {self.route}: {_why(exc)}")
+                return self._failed(ts, f"cannot open {self.route}: {remote.why(exc)}")
             changed = True
         code, problem = self._probe()
         if not problem:
@@ -202,7 +202,7 @@ class Tunnel:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             conn.close()
             raise remote.RemoteError(self.name, f"{self.name} refused the forward of "
-                                                f"{self.remote_address}:{self.remote_port} ({_why(exc)}); "
+                                                f"{self.remote_address}:{self.remote_port} ({remote.why(exc)}); "
                                                 "is the port taken there, or AllowTcpForwarding off?") from None
         self.conn = conn
 
@@ -301,7 +301,7 @@ def pipe(channel: paramiko.Channel, port: int, timeout: float) -> None:
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     except OSError as exc:
-        log.warning("tunnel: cannot reach 127.0.0.1:%d for a forwarded connection: %s", port, _why(exc))
+        log.warning("tunnel: cannot reach 127.0.0.1:%d for a forwarded connection: %s", port, remote.why(exc))
         channel.close()
         return
     try:
@@ -366,10 +366,3 @@ def check(ctx: JobContext, *, now: float | None = None) -> JobReport:
         raise remote.RemoteError(name, f"the tunnel on {name}:{address}:{port} does not answer: {problem}")
     return JobReport(f"the tunnel on {name}:{address}:{port} answers ({code}) end to end", acted=False)
 
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
