@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 KIND = "tunnel"
 PIPE_BUFFER = 32 * 1024
-#: how long to wait for a fresh ``ssh -R`` to set up its forward before judging it
+#: how often a fresh ``ssh -R`` is probed while it sets up its forward
 OPENSSH_SETTLE_SECONDS = 0.2
 
 
