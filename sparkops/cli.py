@@ -522,7 +522,7 @@ def cmd_remote_push(args, store: Store) -> int:
 
 def cmd_remote_tunnel(args, store: Store) -> int:
     """Hold the tunnel in the foreground (or probe it once with --check)."""
-    from sparkops import remote, tunnel
+    from sparkops import tunnel
     from sparkops.jobs import JobContext, JobLock, lock_dir
     from sparkops.runner import install_stop_handlers
 
@@ -540,9 +540,7 @@ def cmd_remote_tunnel(args, store: Store) -> int:
     with JobLock(lock_dir(settings) / "tunnel.lock"):  # the runner's tunnel job waits meanwhile
         try:
             while not stop.is_set():
-                status = keeper.step()
-                remote.save_state(store.ops, ctx.host, tunnel.KIND, name, status.status, status.detail,
-                                  {"route": keeper.route, "opened": keeper.opened, "retry_at": status.retry_at})
+                status = tunnel.step_and_record(ctx, keeper)
                 line = f"{status.status}: {status.detail}"
                 if line != last:
                     print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)

@@ -342,15 +342,21 @@ def run(ctx: JobContext, *, now: float | None = None) -> JobReport:
     keeper = ctx.memo.get(KIND)
     if not isinstance(keeper, Tunnel):
         keeper = ctx.memo[KIND] = Tunnel(ctx.settings)
-    result = keeper.step(now)
     before = remote.load_state(ctx.store.ops, ctx.host, KIND, name)
-    remote.save_state(ctx.store.ops, ctx.host, KIND, name, result.status, result.detail,
-                      {"route": keeper.route, "opened": keeper.opened, "retry_at": result.retry_at}, now=now)
+    result = step_and_record(ctx, keeper, now=now)
     if result.status == "down" and not result.attempted:
         return JobReport(result.detail, acted=False)
     if result.status == "down":
         raise remote.RemoteError(name, f"tunnel down: {result.detail}")
     return JobReport(result.detail, acted=result.changed or (before is not None and before.status != "up"))
+
+
+def step_and_record(ctx: JobContext, keeper: Tunnel, *, now: float | None = None) -> TunnelStatus:
+    """One step of ``keeper``, its state recorded in ``ops_remote`` for the pages."""
+    result = keeper.step(now)
+    remote.save_state(ctx.store.ops, ctx.host, KIND, keeper.name, result.status, result.detail,
+                      {"route": keeper.route, "opened": keeper.opened, "retry_at": result.retry_at}, now=now)
+    return result
 
 
 def check(ctx: JobContext, *, now: float | None = None) -> JobReport:
