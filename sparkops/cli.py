@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sparkops import __version__, board, fleet, queries
 from sparkops.config import SETTINGS, Settings, load_secrets, load_settings, mask_url
 from sparkops.db import retrying
-from sparkops.errors import InvalidInput, NotFound, SparkOpsError, StorageError
+from sparkops.errors import ConfigError, InvalidInput, NotFound, SparkOpsError, StorageError
 from sparkops.store import Store, open_store
 
 log = logging.getLogger("sparkops")
@@ -532,7 +532,10 @@ def cmd_remote_tunnel(args, store: Store) -> int:
         raise InvalidInput("no tunnel host: set remote.tunnel_host to one of the [remotes.NAME] hosts")
     if args.check:
         return _run_job(args, store, "tunnel")
-    ctx = JobContext.create(settings, store)
+    ctx = JobContext.create(settings, store, secrets=load_secrets())
+    refused = tunnel.exposure(settings, ctx.secrets)
+    if refused:
+        raise ConfigError(refused)
     stop = threading.Event()
     install_stop_handlers(stop)
     keeper = tunnel.Tunnel(settings)

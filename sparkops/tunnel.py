@@ -25,7 +25,9 @@ the clock is a parameter, so tests step through it without sleeping.
 
 The state (up, down, and why) is kept in ``ops_remote`` (kind ``tunnel``) for the
 Home and Jobs pages. Only the jobs runner (or ``python -m sparkops remote tunnel``)
-holds a tunnel; a "Run now" elsewhere only probes it (:func:`check`).
+holds a tunnel; a "Run now" elsewhere only probes it (:func:`check`). A tunnel to the
+app publishes it on the remote host, so it opens only when the app has a password
+(or ``ui.allow_unauthenticated_remote``), as for a non-loopback address (:func:`exposure`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import paramiko
 
 from sparkops import remote
 from sparkops.config import Settings
+from sparkops.errors import ConfigError
 from sparkops.jobs import JobReport
 
 if TYPE_CHECKING:
@@ -339,6 +342,9 @@ def run(ctx: JobContext, *, now: float | None = None) -> JobReport:
         return JobReport("off (remote.tunnel_host is not set)", acted=False)
     if not ctx.resident:
         return check(ctx, now=now)
+    refused = exposure(ctx.settings, ctx.secrets)
+    if refused:
+        raise ConfigError(refused)
     keeper = ctx.memo.get(KIND)
     if not isinstance(keeper, Tunnel):
         keeper = ctx.memo[KIND] = Tunnel(ctx.settings)
@@ -349,6 +355,20 @@ def run(ctx: JobContext, *, now: float | None = None) -> JobReport:
     if result.status == "down":
         raise remote.RemoteError(name, f"tunnel down: {result.detail}")
     return JobReport(result.detail, acted=result.changed or (before is not None and before.status != "up"))
+
+
+def exposure(settings: Settings, secrets: Any) -> str | None:
+    """Why the tunnel must not open, or None. It would publish the app on the remote
+    host (the app sees the tunnel's connections come from 127.0.0.1), so it takes
+    the rule of a non-loopback address: a UI password, or
+    ui.allow_unauthenticated_remote."""
+    local = settings["remote.tunnel_local_port"] or settings["ui.port"]
+    if local != settings["ui.port"] or getattr(secrets, "ui_password", None) \
+            or settings["ui.allow_unauthenticated_remote"]:
+        return None
+    return (f"the tunnel would publish the app (127.0.0.1:{local}) on {settings['remote.tunnel_host']} "
+            "without a password; set SPARKOPS_UI_PASSWORD (or ui_password in .streamlit/secrets.toml) "
+            "and restart, or set ui.allow_unauthenticated_remote = true if the remote side guards it")
 
 
 def step_and_record(ctx: JobContext, keeper: Tunnel, *, now: float | None = None) -> TunnelStatus:

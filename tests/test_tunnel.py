@@ -225,3 +225,32 @@ def test_remote_tunnel_holds_it_in_the_foreground_until_ctrl_c(ssh_server, tmp_p
     assert out.strip().endswith("tunnel closed")
     with pytest.raises(OSError):
         through_tunnel(settings)
+
+
+def test_a_tunnel_to_the_app_needs_the_apps_password(ssh_server, tmp_path):
+    """The tunnel publishes the app on the remote host: the rule of a public address."""
+    from sparkops.config import Secrets
+    from sparkops.errors import ConfigError
+    from sparkops.jobs import JobContext, run_job
+
+    env = {**tunnel_env(ssh_server, tmp_path, 0), "SPARKOPS_REMOTE_TUNNEL_LOCAL_PORT": "0"}  # 0: ui.port
+    settings = make_settings(tmp_path, **env)
+    assert tunnel.exposure(settings, Secrets()) and "SPARKOPS_UI_PASSWORD" in tunnel.exposure(settings, Secrets())
+    assert tunnel.exposure(settings, Secrets(ui_password="s3cret")) is None
+    allowed = make_settings(tmp_path, **env, SPARKOPS_UI_ALLOW_UNAUTHENTICATED_REMOTE="true")
+    assert tunnel.exposure(allowed, Secrets()) is None
+
+    store = open_store(settings, create=True, now=NOW)
+    try:
+        ctx = JobContext.create(settings, store)
+        ctx.resident = True
+        result = run_job(ctx, "tunnel", now=NOW)
+        assert result.outcome == "error" and "without a password" in result.error
+        assert "tunnel" not in ctx.memo  # nothing was opened
+        with pytest.raises(ConfigError):
+            tunnel.run(ctx, now=NOW)
+    finally:
+        store.dispose()
+    refused = run_cli("remote", "tunnel", cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and "without a password" in refused.stderr
+    assert "Accepted publickey" not in ssh_server.log.read_text()  # it never logged in
