@@ -22,6 +22,7 @@ from sqlalchemy import insert
 from sparkops import gpu_smi, remote
 from sparkops.clock import epoch
 from sparkops.config import Settings
+from sparkops.db import Database
 from sparkops.gpu import GpuSnapshot
 from sparkops.jobs import JobReport
 from sparkops.schema import ops_gpu_samples
@@ -89,12 +90,10 @@ def run(ctx: JobContext, *, now: float | None = None) -> JobReport:
     return JobReport(summary, acted=bool(failed), details={"hosts": hosts, "failed": failed})
 
 
-def snapshots(ctx: JobContext) -> dict[str, tuple[remote.RemoteState, GpuSnapshot | None]]:
-    """The last recorded state and snapshot of each remote GPU host, for the GPU page."""
-    out = {}
-    for state in remote.states(ctx.store.ops, ctx.host, KIND):
-        out[state.remote] = (state, snapshot_from(state.data) if state.data else None)
-    return out
+def snapshots(ops: Database, host: str) -> dict[str, tuple[remote.RemoteState, GpuSnapshot | None]]:
+    """What ``host`` last recorded of each remote GPU host: its state and snapshot."""
+    return {state.remote: (state, snapshot_from(state.data) if state.data else None)
+            for state in remote.states(ops, host, KIND)}
 
 
 def snapshot_from(data: dict) -> GpuSnapshot:

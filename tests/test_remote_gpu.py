@@ -62,7 +62,7 @@ def test_the_job_records_each_host_and_its_samples(ctx, ssh_server):
     install_fake(ssh_server, "gb10")
     result = run_job(ctx, "remote-gpu", now=NOW, trigger="schedule")
     assert result.ok and "spark1: 1 GPU(s)" in result.summary and not result.acted
-    [(state, snap)] = remote_gpu.snapshots(ctx).values()
+    [(state, snap)] = remote_gpu.snapshots(ctx.store.ops, ctx.host).values()
     assert state.status == "ok" and state.remote == "spark1" and snap.devices[0].unified
     history = gpu.history(ctx.store.ops, since=NOW - 1, host="spark1")
     assert [(h["host"], h["name"], h["unified"]) for h in history] == [("spark1", "NVIDIA GB10", 1)]

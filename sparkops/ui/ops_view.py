@@ -562,8 +562,7 @@ def remote_gpus(ctx: data.AppContext) -> dict[str, tuple[remote.RemoteState, gpu
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def _remote_gpus(_ops: Database, url: str, host: str) -> dict[str, tuple[remote.RemoteState, gpu.GpuSnapshot | None]]:
-    return {state.remote: (state, remote_gpu.snapshot_from(state.data) if state.data else None)
-            for state in remote.states(_ops, host, remote_gpu.KIND)}
+    return remote_gpu.snapshots(_ops, host)
 
 
 def gpu_summary(snapshot: gpu.GpuSnapshot) -> str:
