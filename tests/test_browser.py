@@ -188,6 +188,7 @@ def browser(app) -> Iterator[Browser]:
 def page(request, browser) -> Iterator[Page]:
     context = browser.new_context(**VIEWPORTS[request.param])
     context.set_default_timeout(PAGE_LOAD_SECONDS * 1000)
+    expect.set_options(timeout=PAGE_LOAD_SECONDS * 1000)  # expect() has its own default of 5 s
     tab = context.new_page()
     tab.viewport_name = request.param
     yield tab
