@@ -64,7 +64,7 @@ OPENSSH_SETTLE_SECONDS = 0.2
 
 @dataclass(frozen=True)
 class TunnelStatus:
-    status: str  # up | down | off
+    status: str  # up | down
     detail: str
     changed: bool = False  # opened (again) in this step
     retry_at: float | None = None  # while down: when the next attempt is due
