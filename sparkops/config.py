@@ -905,33 +905,42 @@ def load_services(values: Mapping[str, Any], from_file: Any, where: str, from_en
         merged[name] = {k: (v.format(ui_port=values["ui.port"]) if isinstance(v, str) else v)
                         for k, v in fields.items()}
     sources: dict[str, str] = {name: "default" for name in merged}
-    layers: list[tuple[Any, str]] = [(from_file, where)]
-    if from_env:
-        try:
-            layers.append((json.loads(from_env), "in environment variable SPARKOPS_SERVICES"))
-        except ValueError:
-            raise ConfigError("SPARKOPS_SERVICES must be a JSON object of services, e.g. "
-                              '\'{"vllm": {"url": "http://127.0.0.1:8000"}}\'') from None
-    for layer, origin in layers:
-        if not isinstance(layer, dict):
-            raise ConfigError(f"services must be tables, one per service ([services.NAME]) ({origin})")
-        for name, fields in layer.items():
-            if not isinstance(fields, dict):
-                raise ConfigError(f"services.{name} must be a table ([services.{name}]) ({origin})")
-            for field_name in fields:
-                if field_name.lower() in SECRET_KEYS:
-                    raise ConfigError(f"services.{name}.{field_name} looks like a secret; secrets "
-                                      "never go in sparkops.toml ({origin})".replace("{origin}", origin))
-                if field_name not in SERVICE_FIELDS_BY_NAME:
-                    raise ConfigError(
-                        f"unknown field services.{name}.{field_name} ({origin}); fields: "
-                        + ", ".join(f.name for f in SERVICE_FIELDS))
-            merged.setdefault(name, {}).update(fields)
-            sources[name] = origin
+    _merge_tables("services", "service", SERVICE_FIELDS, [(from_file, where)], from_env,
+                  '{"vllm": {"url": "http://127.0.0.1:8000"}}', merged, sources)
     if values["remote.tunnel_host"] and sources["tunnel"] == "default":
         # SparkOps holds the tunnel itself (sparkops.tunnel): no `ssh -R` process to look for
         merged["tunnel"]["enabled"] = False
     return tuple(_service(name, fields, sources[name], base_dir) for name, fields in merged.items())
+
+
+def _merge_tables(section: str, what: str, fields: tuple[Setting, ...], layers: list[tuple[Any, str]],
+                  from_env: str | None, example: str, merged: dict[str, dict[str, Any]],
+                  sources: dict[str, str], secret_hint: str = "") -> None:
+    """Merge ``[SECTION.NAME]`` tables (the file's, then ``SPARKOPS_SECTION``'s JSON) into
+    ``merged``, field by field, noting where each name came from; a table that is not
+    one, an unknown field or a secret is refused with one line naming SECTION.NAME.FIELD."""
+    env_name = ENV_PREFIX + section.upper()
+    if from_env:
+        try:
+            layers = [*layers, (json.loads(from_env), f"in environment variable {env_name}")]
+        except ValueError:
+            raise ConfigError(f"{env_name} must be a JSON object of {what}s, e.g. '{example}'") from None
+    known = {f.name for f in fields}
+    for layer, origin in layers:
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{section} must be tables, one per {what} ([{section}.NAME]) ({origin})")
+        for name, table in layer.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}.{name} must be a table ([{section}.{name}]) ({origin})")
+            for field_name in table:
+                if field_name.lower() in SECRET_KEYS:
+                    raise ConfigError(f"{section}.{name}.{field_name} looks like a secret; secrets never go "
+                                      f"in sparkops.toml{secret_hint} ({origin})")
+                if field_name not in known:
+                    raise ConfigError(f"unknown field {section}.{name}.{field_name} ({origin}); fields: "
+                                      + ", ".join(f.name for f in fields))
+            merged.setdefault(name, {}).update(table)
+            sources[name] = origin
 
 
 def _service(name: str, fields: dict[str, Any], where: str, base_dir: Path) -> ServiceSpec:
@@ -1038,30 +1047,11 @@ def load_remotes(values: Mapping[str, Any], from_file: Any, where: str, from_env
     ConfigError naming remotes.NAME.FIELD or the setting that names a missing host."""
     import getpass
 
-    layers: list[tuple[Any, str]] = [(from_file, where)]
-    if from_env:
-        try:
-            layers.append((json.loads(from_env), "in environment variable SPARKOPS_REMOTES"))
-        except ValueError:
-            raise ConfigError("SPARKOPS_REMOTES must be a JSON object of remote hosts, e.g. "
-                              '\'{"vps": {"address": "vps.example.net"}}\'') from None
     merged: dict[str, dict[str, Any]] = {}
     sources: dict[str, str] = {}
-    for layer, origin in layers:
-        if not isinstance(layer, dict):
-            raise ConfigError(f"remotes must be tables, one per host ([remotes.NAME]) ({origin})")
-        for name, fields in layer.items():
-            if not isinstance(fields, dict):
-                raise ConfigError(f"remotes.{name} must be a table ([remotes.{name}]) ({origin})")
-            for field_name in fields:
-                if field_name.lower() in SECRET_KEYS:
-                    raise ConfigError(f"remotes.{name}.{field_name} looks like a secret; secrets never "
-                                      f"go in sparkops.toml: use key_file or ssh-agent ({origin})")
-                if field_name not in REMOTE_FIELDS_BY_NAME:
-                    raise ConfigError(f"unknown field remotes.{name}.{field_name} ({origin}); fields: "
-                                      + ", ".join(f.name for f in REMOTE_FIELDS))
-            merged.setdefault(name, {}).update(fields)
-            sources[name] = origin
+    _merge_tables("remotes", "remote host", REMOTE_FIELDS, [(from_file, where)], from_env,
+                  '{"vps": {"address": "vps.example.net"}}', merged, sources,
+                  secret_hint=": use key_file or ssh-agent")
     remotes: dict[str, RemoteSpec] = {}
     for name, fields in merged.items():
         resolved: dict[str, Any] = {}
