@@ -20,11 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy import create_engine, text
 
-from sparkops import board, queries  # noqa: E402
-from sparkops.config import load_settings  # noqa: E402
-from sparkops.store import open_store  # noqa: E402
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.config import load_settings
+from sparkops.storage.store import open_store
 
 
 def measure(board_url: str, ops_url: str, n: int) -> dict[str, float]:

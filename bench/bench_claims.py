@@ -26,12 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy import create_engine, func, select, text
 
-from sparkops import board  # noqa: E402
-from sparkops.config import load_settings  # noqa: E402
-from sparkops.schema import task_runs  # noqa: E402
-from sparkops.store import open_store  # noqa: E402
+from sparkops.board import transitions as board
+from sparkops.config import load_settings
+from sparkops.storage.schema import task_runs
+from sparkops.storage.store import open_store
 
 SECTION = "## Claims with concurrent dispatchers"
 

@@ -32,11 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
+import psutil
 
-from sparkops import board, queries  # noqa: E402
-from sparkops.config import load_settings  # noqa: E402
-from sparkops.store import open_store  # noqa: E402
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.config import load_settings
+from sparkops.storage.store import open_store
 
 PY = sys.executable
 
@@ -55,8 +56,8 @@ if os.environ.get("HANG") and first:
     while True:
         time.sleep(60)
 sys.path.insert(0, os.environ["BENCH_ROOT"])
-from sparkops import board
-from sparkops.db import Database
+from sparkops.board import transitions as board
+from sparkops.storage.db import Database
 db = Database(os.environ["SPARKOPS_STORAGE_BOARD_URL"], role="board")
 board.complete(db, os.environ["SPARKOPS_TASK_ID"], run_id=run, result="ok")
 """
@@ -72,6 +73,8 @@ class Sandbox:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SPARKOPS_")}
         self.env.update({
             "PYTHONPATH": str(ROOT), "BENCH_ROOT": str(ROOT),
+            # the agents read these (an agent gets only what it is given: dispatch.agent_env_pass)
+            "SPARKOPS_DISPATCH_AGENT_ENV_PASS": json.dumps(["BENCH_ROOT", "HANG"]),
             "SPARKOPS_STORAGE_BOARD_URL": f"sqlite:///{self.dir}/data/kanban.db",
             "SPARKOPS_STORAGE_OPS_URL": f"sqlite:///{self.dir}/data/sparkops.db",
             "SPARKOPS_RUNNER_LOG_FILE": str(self.dir / "runner.log"),

@@ -45,10 +45,11 @@ def rss_mb() -> float:
 
 def export_once(directory: Path) -> dict:
     """In the child process: open the generated board, resolve phases, export."""
-    from sparkops import export, phases
+    from sparkops.board import phases
     from sparkops.config import load_settings
-    from sparkops.jobs import JobContext
-    from sparkops.store import open_store
+    from sparkops.jobs.framework import JobContext
+    from sparkops.sprint import export
+    from sparkops.storage.store import open_store
 
     settings = load_settings(env={"SPARKOPS_STORAGE_BOARD_URL": f"sqlite:///{directory}/data/kanban.db",
                                   "SPARKOPS_STORAGE_OPS_URL": f"sqlite:///{directory}/data/sparkops.db",
@@ -57,7 +58,8 @@ def export_once(directory: Path) -> dict:
     ctx = JobContext.create(settings, store)
     baseline = rss_mb()
     started = time.perf_counter()
-    phase_of = {t: p.phase for t, p in phases.resolve(store.board, store.ops, settings["review.phase_patterns"]).items()}
+    resolved = phases.resolve(store.board, store.ops, settings["review.phase_patterns"])
+    phase_of = {t: p.phase for t, p in resolved.items()}
     resolved = time.perf_counter() - started
     result = export.export(ctx, phase_of=phase_of)
     problems = export.verify_export(result.directory)

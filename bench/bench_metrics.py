@@ -1,4 +1,4 @@
-"""Benchmark: ``metrics.compute`` on a large generated board (the review's cost).
+"""Benchmark: ``measure.compute`` on a large generated board (the review's cost).
 
 Generates a board with ``gen_board.generate()`` (100,000 tasks, 300,000 runs,
 1,000,000 events over 30 days) in a temporary directory, in a child process so
@@ -33,13 +33,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psutil  # noqa: E402
-from sqlalchemy import select  # noqa: E402
+import psutil
+from sqlalchemy import select
 
-from sparkops import metrics  # noqa: E402
-from sparkops.config import load_settings  # noqa: E402
-from sparkops.schema import tasks  # noqa: E402
-from sparkops.store import open_store  # noqa: E402
+from sparkops.config import load_settings
+from sparkops.sprint import (
+    measure,
+    metrics,
+)
+from sparkops.storage.schema import tasks
+from sparkops.storage.store import open_store
 
 NOW = 1_795_000_000  # gen_board's "now"
 WINDOW_HOURS = 30 * 24
@@ -116,7 +119,7 @@ def main() -> int:
         size_mb = (directory / "data" / "kanban.db").stat().st_size / MB
 
         def run() -> metrics.Metrics:
-            return metrics.compute(store.board, now=NOW, window_hours=WINDOW_HOURS, phase_of=phase_of)
+            return measure.compute(store.board, now=NOW, window_hours=WINDOW_HOURS, phase_of=phase_of)
 
         baseline = psutil.Process().memory_info().rss
         seconds, peaks = [], []

@@ -77,10 +77,12 @@ def main() -> int:
     import sshd
     from gen_board import generate
 
-    from sparkops import board, push, tunnel
+    from sparkops.board import transitions as board
     from sparkops.config import load_settings
-    from sparkops.jobs import JobContext, run_job
-    from sparkops.store import open_store
+    from sparkops.jobs.framework import JobContext
+    from sparkops.remote import push, tunnel
+    from sparkops.runner.registry import run_job
+    from sparkops.storage.store import open_store
 
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp_name:
         tmp = Path(tmp_name)

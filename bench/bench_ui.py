@@ -76,7 +76,8 @@ SECTION = "## The app on a large board"
 #: The app's shared modules (and so pandas, altair, SQLAlchemy): imported once per
 #: server process by whichever page is served first, so timed apart.
 APP_MODULES = ("sparkops.ui.page", "sparkops.ui.data", "sparkops.ui.views", "sparkops.ui.board_view",
-               "sparkops.ui.review_view", "sparkops.ui.ops_view")
+               "sparkops.ui.review_view", "sparkops.ui.home_view", "sparkops.ui.jobs_view", "sparkops.ui.events_view",
+               "sparkops.ui.fleet_view", "sparkops.ui.playbook_view", "sparkops.ui.gpu_view")
 
 
 # -- the board ------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def measure_page(page: str, board_dir: Path, work_dir: Path, profile: Path | Non
         importlib.import_module(module)
     imports = time.perf_counter() - started
     before = rss_mb()
-    at = AppTest.from_file(str(ROOT / page), default_timeout=600)
+    at = AppTest.from_file(str(ROOT / "sparkops" / "app" / page), default_timeout=600)
 
     if profile is not None:
         profile_script_thread()

@@ -32,12 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fake_nvml import GIB, FakeDevice, FakeNvml  # noqa: E402
+from fake_nvml import GIB, FakeDevice, FakeNvml
 
-from sparkops import disk, gpu  # noqa: E402
-from sparkops.config import load_settings  # noqa: E402
-from sparkops.jobs import JobContext, run_job  # noqa: E402
-from sparkops.store import open_store  # noqa: E402
+from sparkops.config import load_settings
+from sparkops.jobs.framework import JobContext
+from sparkops.runner.registry import run_job
+from sparkops.storage.store import open_store
+from sparkops.watch import cleanup_plan, gpu
 
 RUNS = 20
 
@@ -128,11 +129,11 @@ def main() -> int:
         watchdog_times, result = timed(lambda: run_job(ctx, "watchdog", nvml=nvml))
         assert result.summary == "all well", result.summary
         disk_times, disk_result = timed(lambda: run_job(ctx, "disk"))
-        plan_times, plan = timed(lambda: disk.plan_cleanup(ctx))
+        plan_times, plan = timed(lambda: cleanup_plan.plan_cleanup(ctx))
         tracemalloc.start()
         run_job(ctx, "watchdog", nvml=nvml)
         run_job(ctx, "disk")
-        disk.plan_cleanup(ctx)
+        cleanup_plan.plan_cleanup(ctx)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         snap = gpu.snapshot(nvml=nvml)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import insert  # noqa: E402
+from sqlalchemy import insert
 
-from sparkops.config import load_settings  # noqa: E402
-from sparkops.schema import task_events, task_links, task_runs, tasks  # noqa: E402
-from sparkops.store import open_store  # noqa: E402
+from sparkops.config import load_settings
+from sparkops.storage.schema import task_events, task_links, task_runs, tasks
+from sparkops.storage.store import open_store
 
 NOW = 1_795_000_000
 DAY = 86_400

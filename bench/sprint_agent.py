@@ -49,8 +49,8 @@ def main() -> int:
         return 1
     time.sleep(duration)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from sparkops import board
-    from sparkops.db import Database
+    from sparkops.board import transitions as board
+    from sparkops.storage.db import Database
 
     db = Database(os.environ["SPARKOPS_STORAGE_BOARD_URL"], role="board")
     board.complete(db, task, run_id=run, result=f"worked {duration:.1f}s")

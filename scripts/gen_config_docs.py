@@ -21,14 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python scripts/gen_config_docs.py`
     sys.path.insert(0, str(ROOT))
 
-from sparkops.config import (  # noqa: E402
+from sparkops.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_NAME,
+    DEFAULT_SERVICES,
+    REMOTE_FIELDS,
     RESERVED_ENV,
     SECRET_KEYS,
     SECTIONS,
-    DEFAULT_SERVICES,
-    REMOTE_FIELDS,
     SERVICE_FIELDS,
     SETTINGS,
     Setting,

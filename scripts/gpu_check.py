@@ -1,4 +1,4 @@
-"""Check SparkOps' GPU adapter (sparkops/gpu.py) on a machine with a real NVIDIA GPU.
+"""Check SparkOps' GPU adapter (sparkops/watch/gpu.py) on a machine with a real NVIDIA GPU.
 
     python scripts/gpu_check.py [--mb 256]
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python scripts/gpu_check.py`
     sys.path.insert(0, str(ROOT))
 
-from sparkops import gpu
+from sparkops.watch import gpu, zombie_rule
 
 MARKER = "sparkops-gpu-check-holder"
 
@@ -165,8 +165,8 @@ def _check(args: argparse.Namespace, nvml: Any, holder_code: str, out: Callable[
     out("== zombie rule, dry run (threshold 0.01 GB, kill pattern matches only the helper) ==")
     rule = {"gpu.zombie_threshold_gb": 0.01, "gpu.serving_patterns": [],
             "gpu.kill_patterns": [re.escape(MARKER)], "gpu.health_failures_before_kill": 3}
-    zombies = gpu.find_zombies(during, rule, serving_healthy=True, health_failures=0)
-    for text in gpu.explain(zombies) or ["(no zombies)"]:
+    zombies = zombie_rule.find_zombies(during, rule, serving_healthy=True, health_failures=0)
+    for text in zombie_rule.explain(zombies) or ["(no zombies)"]:
         out(text)
     if any(z.pid == holder.pid and z.killable for z in zombies):
         could.append("have the zombie rule name the helper as killable (dry run, nothing signalled)")
@@ -176,7 +176,7 @@ def _check(args: argparse.Namespace, nvml: Any, holder_code: str, out: Callable[
     out("")
     out("== releasing: closing the helper's stdin, waiting for NVML to stop listing it ==")
     holder.stdin.close()
-    released, _listed, waited, note = gpu.wait_for_memory_release(
+    released, _listed, waited, note = zombie_rule.wait_for_memory_release(
         {holder.pid: p.start_time}, nvml=nvml, timeout=30.0)
     out(note)
     if released:

@@ -4,8 +4,8 @@ in_ci() { [ "${CI:-}" = "true" ] || [ "${CI:-}" = "1" ]; }
 
 say() { printf '==> %s\n' "$*" >&2; }
 
-# ensure_venv DIR REQUIREMENTS: create DIR and install REQUIREMENTS into it,
-# skipping the install when the requirements files have not changed.
+# ensure_venv DIR LOCK: create DIR and install LOCK (pinned, with hashes) into it,
+# skipping the install when the lock has not changed.
 ensure_venv() {
   local dir=$1 req=$2 python=${PYTHON:-python3} stamp
   if [ ! -x "$dir/bin/python" ]; then
@@ -15,10 +15,10 @@ ensure_venv() {
       exit 2
     }
   fi
-  stamp=$(cat requirements*.txt | sha256sum | cut -c1-16)
+  stamp=$(cat "$req" requirements.lock | sha256sum | cut -c1-16)
   if [ "$(cat "$dir/.sparkops-installed" 2>/dev/null)" != "$req:$stamp" ]; then
     say "installing $req into $dir"
-    "$dir/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+    "$dir/bin/pip" install --quiet --disable-pip-version-check --require-hashes -r "$req"
     echo "$req:$stamp" > "$dir/.sparkops-installed"
   fi
 }

@@ -2,8 +2,8 @@
 
 Needs Playwright (pip install playwright) and Debian's chromium; no browser download.
 
-    .venv/bin/python scripts/screenshots.py --start    # a fresh `up --demo` in a temp dir, its
-                                                       # agents at work for a minute, then capture
+    .venv/bin/python scripts/screenshots.py --start    # a fresh `up --demo` in a temp dir, the
+                                                       # living demo at work for two minutes, then capture
     .venv/bin/python scripts/screenshots.py [URL]      # capture a running app (http://127.0.0.1:8501)
 
 Writes docs/img/<page>.png (1400x900) and docs/img/phone-<page>.png (390x844, 2x).
@@ -12,7 +12,6 @@ Writes docs/img/<page>.png (1400x900) and docs/img/phone-<page>.png (390x844, 2x
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -22,13 +21,17 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from sparkops.core import procs
+from sparkops.engine import workers
+
 OUT = ROOT / "docs" / "img"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -48,8 +51,6 @@ VIEWPORTS = [
                 "is_mobile": True, "has_touch": True}),
 ]
 SETTLED = '[data-testid="stApp"][data-test-connection-state="CONNECTED"][data-test-script-state="notRunning"]'
-#: The demo's services (vLLM, gateway, Redis, tunnel) have no servers here; watch none of them.
-NO_SERVICES = {name: {"enabled": False} for name in ("vllm", "gateway", "redis", "tunnel")}
 DRAW_MS = 2_000  # after Streamlit is done: let the tables (canvas) draw
 
 
@@ -129,13 +130,12 @@ def healthy(base: str) -> bool:
 
 @contextmanager
 def demo_app(warmup: float) -> Iterator[str]:
-    """``python -m sparkops up --demo`` in a temporary directory (default settings,
-    no services); yields its URL once the agents have worked ``warmup`` seconds."""
+    """``python -m sparkops up --demo`` in a temporary directory (default settings, as
+    on a fresh box); yields its URL once the living demo has run ``warmup`` seconds."""
     with tempfile.TemporaryDirectory(prefix="sparkops-shots-") as home:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPARKOPS_")}
-        env.update({"PYTHONPATH": str(ROOT), "SPARKOPS_UI_PORT": str(port),
-                    "SPARKOPS_SERVICES": json.dumps(NO_SERVICES)})
+        env.update({"PYTHONPATH": str(ROOT), "SPARKOPS_UI_PORT": str(port)})
         with open(Path(home) / "up.out", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "sparkops", "up", "--demo"], cwd=home,
                                     env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -157,14 +157,17 @@ def demo_app(warmup: float) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            for worker in workers.live(Path(home) / "data" / "workers"):  # left to finish by `up`
+                procs.terminate_group(worker.identity.agent, grace=2)
+                procs.terminate_group(worker.identity.shim, grace=2)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url", nargs="?", default="http://127.0.0.1:8501", help="a running app")
     parser.add_argument("--start", action="store_true", help="start a fresh `up --demo` instead")
-    parser.add_argument("--warmup", type=float, default=60.0, metavar="S",
-                        help="with --start: seconds the demo agents work first (default 60)")
+    parser.add_argument("--warmup", type=float, default=120.0, metavar="S",
+                        help="with --start: seconds the living demo runs first (default 120)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"where the PNGs go (default {OUT})")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

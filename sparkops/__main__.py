@@ -1,5 +1,5 @@
 import sys
 
-from sparkops.cli import main
+from sparkops.cli.main import main
 
 sys.exit(main())

@@ -23,21 +23,25 @@ the environment or ``.streamlit/secrets.toml`` (see :class:`Secrets`).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
 import re
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping
+from typing import Any
 
-from sparkops.errors import ConfigError
+from sparkops.core.errors import ConfigError
 
 ENV_PREFIX = "SPARKOPS_"
 CONFIG_ENV = "SPARKOPS_CONFIG"
 DEFAULT_CONFIG_NAME = "sparkops.toml"
+#: Set for the children of ``up --demo``: the pages show that they show a demo.
+DEMO_ENV = "SPARKOPS_DEMO"
 
 #: Environment names under ``SPARKOPS_`` that are not settings: the config path,
 #: the secrets, and the variables the worker shim hands to agents.
@@ -190,6 +194,25 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.5,
     ),
     Setting(
+        "dispatch.agent_env_pass", "list", [],
+        "Environment variables the agent gets from the runner's environment beyond the "
+        "system's basics (PATH, HOME, LANG, ...), e.g. [\"ANTHROPIC_API_KEY\"] for an agent "
+        "that needs its own API key. SparkOps' secrets never reach an agent.",
+    ),
+    Setting(
+        "dispatch.claim_ttl_seconds", "int", 900,
+        "A claim's lease (claim_expires), renewed by every heartbeat. Hermes' dispatcher "
+        "releases a claim of another host once it expires; Hermes' default is 900.",
+        minimum=2,
+    ),
+    Setting(
+        "dispatch.report_exit_grace_seconds", "float", 60.0,
+        "After its own report (`sparkops task complete|block --run`), how long an agent may "
+        "go on before its shim stops it. A run closed by anyone else (an operator, Hermes, "
+        "another host) has its agent stopped at once.",
+        minimum=0,
+    ),
+    Setting(
         "dispatch.failure_limit", "int", 2,
         "Consecutive failures (crash, timeout, spawn failure, lost workspace) after which "
         "a task is moved to blocked with the reason. A task's own max_retries wins. "
@@ -220,7 +243,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "dispatch.hermes_argv", "list", ["hermes", "kanban", "dispatch", "--max", "{max}", "--json"],
-        "The command of dispatch.mode = hermes. {max} is the number of free slots.",
+        "The command of dispatch.mode = hermes. {max} is Hermes' --max: the tasks that may run "
+        "on the whole board, i.e. those running now (less other hosts' expired claims) plus "
+        "this host's free slots.",
+    ),
+    Setting(
+        "dispatch.hermes_interval_seconds", "float", 120.0,
+        "In dispatch.mode = hermes, hermes runs when the board changed, and at least this "
+        "often (to notice workers that died without a word; Hermes' gateway looks every 60 s).",
+        minimum=1,
     ),
     Setting(
         "reclaim.interval_seconds", "float", 30.0,
@@ -381,6 +412,11 @@ SETTINGS: tuple[Setting, ...] = (
         "review.no_completion_hours", "float", 4.0,
         "Stuck: open work but no task completed for this many hours.",
         minimum=0.1,
+    ),
+    Setting(
+        "review.stuck_blocked_minutes", "float", 60.0,
+        "Stuck: a task blocked (waiting for a person: an answer, a decision) for this many minutes.",
+        minimum=1,
     ),
     Setting(
         "review.reports_dir", "path", "reports",
@@ -548,10 +584,10 @@ class Settings:
     values: Mapping[str, Any]
     source: Path | None = None  # the config file that was read, if any
     base_dir: Path = field(default_factory=Path.cwd)
-    services: tuple["ServiceSpec", ...] = ()
-    remotes: tuple["RemoteSpec", ...] = ()
+    services: tuple[ServiceSpec, ...] = ()
+    remotes: tuple[RemoteSpec, ...] = ()
 
-    def remote(self, name: str) -> "RemoteSpec":
+    def remote(self, name: str) -> RemoteSpec:
         """The remote host ``name`` (a ``[remotes.NAME]`` table); ConfigError if none."""
         for spec in self.remotes:
             if spec.name == name:
@@ -617,9 +653,16 @@ def load_settings(
     for key in ("gpu.serving_patterns", "gpu.kill_patterns", "review.phase_patterns"):
         for pattern in values[key]:
             try:
-                re.compile(pattern)
+                compiled = re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
+            if key.startswith("gpu.") and compiled.search("") is not None:
+                raise ConfigError(f"{key}: {pattern!r} matches an empty command line, so it would match "
+                                  "every process; name the program, e.g. \"(?i)vllm\"")
+    for key in ("disk.paths", "disk.log_roots"):
+        if not values[key]:
+            raise ConfigError(f"{key} is empty; it needs at least one directory (default "
+                              f"{SETTINGS_BY_KEY[key].default!r})")
     services = load_services(values, file_services, where, env.get("SPARKOPS_SERVICES"), base_dir)
     remotes = load_remotes(values, file_remotes, where, env.get("SPARKOPS_REMOTES"), base_dir)
     return Settings(values=values, source=source, base_dir=base_dir, services=services, remotes=remotes)
@@ -731,11 +774,53 @@ def _parse_env(setting: Setting, text: str) -> Any:
     return text
 
 
+# -- what children get from the environment -------------------------------------------
+
+#: The system's basics a child (a worker shim and its agent, a restart command, ssh)
+#: gets from the runner's environment. An allowlist: anything else stays in.
+CHILD_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
+    "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONDONTWRITEBYTECODE",
+    "VIRTUAL_ENV", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "SSH_AUTH_SOCK",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "HERMES_HOME", "HERMES_BIN", "SPARKOPS_CONFIG", "SPARKOPS_SERVICES", "SPARKOPS_REMOTES",
+    "SPARKOPS_LOG_LEVEL",
+})
+CHILD_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_")
+#: SparkOps' secrets (see :class:`Secrets`): never passed to a child.
+SECRET_ENV = frozenset({"SPARKOPS_UI_PASSWORD", "SPARKOPS_TELEGRAM_TOKEN", "SPARKOPS_TELEGRAM_CHAT_ID",
+                        "SPARKOPS_VLLM_API_KEY"})
+
+
+def child_environment(base: Mapping[str, str] | None = None, *, passed: Iterable[str] = ()) -> dict[str, str]:
+    """The environment for a child process: :data:`CHILD_ENV_NAMES`, the
+    :data:`CHILD_ENV_PREFIXES`, SparkOps' own settings variables (so a shim reads
+    the runner's settings; the ``alerts.*`` ones excepted, a webhook URL may hold a
+    token) and the names in ``passed`` (``dispatch.agent_env_pass``: an agent's own
+    API keys). Never :data:`SECRET_ENV`."""
+    env = os.environ if base is None else base
+    settings_names = {s.env_name for s in SETTINGS if s.section != "alerts"}
+    allowed = CHILD_ENV_NAMES | settings_names | set(passed)
+    return {k: v for k, v in env.items()
+            if k not in SECRET_ENV and (k in allowed or k.startswith(CHILD_ENV_PREFIXES))}
+
+
+def state_dir(settings: Settings) -> Path:
+    """Where SparkOps keeps this host's state files (job locks, the live workers):
+    next to a SQLite ops database, else ``data/`` under the settings' base directory."""
+    url = settings["storage.ops_url"]
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):].split("?", 1)[0]).parent
+    return settings.base_dir / "data"
+
+
 def _resolve(setting: Setting, value: Any, base_dir: Path, where: str) -> Any:
     """Type-check ``value`` against ``setting`` and normalise paths and URLs."""
 
     def bad() -> ConfigError:
-        return ConfigError(f"{setting.key} must be {setting.allowed()}, got {value!r} ({where})")
+        shown = mask_web_url(value) if kind == "weburl" and isinstance(value, str) else value
+        return ConfigError(f"{setting.key} must be {setting.allowed()}, got {shown!r} ({where})")
 
     kind = setting.kind
     if kind == "bool":
@@ -753,6 +838,8 @@ def _resolve(setting: Setting, value: Any, base_dir: Path, where: str) -> Any:
             raise bad()
         if setting.maximum is not None and value > setting.maximum:
             raise bad()
+        if abs(value) > MAX_NUMBER:  # 1e300 seconds would pass every minimum and break later
+            raise ConfigError(f"{setting.key} must be at most {MAX_NUMBER:,}, got {value!r} ({where})")
         return float(value) if kind == "float" else value
     if kind in ("list", "paths"):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -820,6 +907,26 @@ def _mask_url(url: str) -> str:
 
 mask_url = _mask_url
 
+#: No number setting is larger (about 31 years in seconds).
+MAX_NUMBER = 10 ** 9
+
+
+def mask_web_url(url: str) -> str:
+    """Scheme, host and port only, for showing a web URL whose path, query or user
+    part may hold a token (a webhook's usually does)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "(a malformed URL, not shown)"
+    netloc = parts.hostname or ""
+    if port:
+        netloc = f"{netloc}:{port}"
+    tail = "/..." if parts.path.strip("/") or parts.query or parts.username else ""
+    return f"{parts.scheme}://{netloc}{tail}" if parts.scheme else "(a URL, not shown)"
+
 
 # -- services ----------------------------------------------------------------------------
 #
@@ -864,7 +971,6 @@ SERVICE_FIELDS: tuple[Setting, ...] = (
             "The window of restart_limit.", minimum=1),
     Setting("services.enabled", "bool", True, "false: the watchdog ignores this service."),
 )
-SERVICE_FIELDS_BY_NAME: dict[str, Setting] = {f.name: f for f in SERVICE_FIELDS}
 
 #: The seed's stack. ``ui`` follows ui.port when it is not configured.
 DEFAULT_SERVICES: dict[str, dict[str, Any]] = {
@@ -894,6 +1000,20 @@ class ServiceSpec:
     restart_limit: int
     restart_window_minutes: float
     enabled: bool
+    #: Named in sparkops.toml or SPARKOPS_SERVICES. A default of the seed's stack that
+    #: is not is watched only once it has been seen up on this host: until then it is
+    #: "not configured" (not found here), never red (:func:`sparkops.watch.services.assess`).
+    declared: bool = True
+
+    def toggle_hint(self) -> str:
+        """The one line of sparkops.toml that turns this service on or off."""
+        table = f"[services.{self.name}]"
+        if not self.enabled:
+            return f"to watch it: `{table} enabled = true` in sparkops.toml"
+        if not self.declared:
+            return (f"a default of the seed's stack: declare `{table}` in sparkops.toml to watch it "
+                    f"(red whenever it is down), or `{table} enabled = false` to stop looking for it")
+        return f"to stop watching it: `{table} enabled = false` in sparkops.toml"
 
 
 def load_services(values: Mapping[str, Any], from_file: Any, where: str, from_env: str | None,
@@ -908,7 +1028,7 @@ def load_services(values: Mapping[str, Any], from_file: Any, where: str, from_en
     _merge_tables("services", "service", SERVICE_FIELDS, [(from_file, where)], from_env,
                   '{"vllm": {"url": "http://127.0.0.1:8000"}}', merged, sources)
     if values["remote.tunnel_host"] and sources["tunnel"] == "default":
-        # SparkOps holds the tunnel itself (sparkops.tunnel): no `ssh -R` process to look for
+        # SparkOps holds the tunnel itself (sparkops.remote.tunnel): no `ssh -R` process to look for
         merged["tunnel"]["enabled"] = False
     return tuple(_service(name, fields, sources[name], base_dir) for name, fields in merged.items())
 
@@ -984,7 +1104,7 @@ def _service(name: str, fields: dict[str, Any], where: str, base_dir: Path) -> S
                 raise bad("restart_argv", f"runs {program!r}, which does not exist or is not "
                                           "executable; give the full path of the restart command")
     values["restart_argv"] = tuple(values["restart_argv"])
-    return ServiceSpec(name=name, **values)
+    return ServiceSpec(name=name, **values, declared=where != "default")
 
 
 # -- remote hosts ----------------------------------------------------------------------
@@ -1018,7 +1138,6 @@ REMOTE_FIELDS: tuple[Setting, ...] = (
     Setting("remotes.nvidia_smi", "str", "nvidia-smi",
             "The nvidia-smi command on that host, for the remote-gpu job."),
 )
-REMOTE_FIELDS_BY_NAME: dict[str, Setting] = {f.name: f for f in REMOTE_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -1135,3 +1254,15 @@ def load_secrets(
         telegram_chat_id=pick("SPARKOPS_TELEGRAM_CHAT_ID", "telegram_chat_id"),
         vllm_api_key=pick("SPARKOPS_VLLM_API_KEY", "vllm_api_key"),
     )
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``localhost`` and loopback IPs (127.0.0.0/8, ::1); hostnames
+    other than localhost count as remote (they are not resolved)."""
+    address = address.strip()
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False

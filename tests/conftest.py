@@ -12,16 +12,19 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
 from sparkops.config import Settings, load_settings
-from sparkops.store import Store, open_store
+from sparkops.storage.store import Store, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("SPARKOPS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -43,6 +46,17 @@ def _pg_available() -> str | None:
 _PG_PROBLEM = _pg_available()
 
 
+@pytest.fixture(autouse=True)
+def keep_main_module() -> Iterator[None]:
+    """AppTest runs a page as ``__main__`` and leaves it there; a later test's
+    ``multiprocessing`` "spawn" child re-imports ``__main__`` and would run that page.
+    Every test ends with the ``__main__`` it began with."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database; dropped after the test."""
@@ -51,7 +65,8 @@ def pg_url() -> Iterator[str]:
             pytest.fail(f"PostgreSQL is required in CI but not reachable: {_PG_PROBLEM}")
         pytest.skip(f"PostgreSQL not reachable: {_PG_PROBLEM}")
     name = f"sparkops_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # a test may restart the server
+    # pre-ping: a test may restart the server
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
@@ -169,10 +184,11 @@ def app_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def run_page(path: str, timeout: float = 60):
-    """Render one page of the app (a path under the repository) with AppTest."""
+    """Render one page of the app (``Home.py`` or ``pages/NAME.py``, under
+    ``sparkops/app/``) with AppTest."""
     from streamlit.testing.v1 import AppTest
 
-    return AppTest.from_file(str(ROOT / path), default_timeout=timeout).run()
+    return AppTest.from_file(str(ROOT / "sparkops" / "app" / path), default_timeout=timeout).run()
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0,
@@ -198,6 +214,27 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def find_hermes() -> Path | None:
+    """The real ``hermes`` CLI: ``$SPARKOPS_TEST_HERMES``, else ``.venv-hermes/bin/hermes``."""
+    configured = os.environ.get("SPARKOPS_TEST_HERMES")
+    candidate = Path(configured) if configured else ROOT / ".venv-hermes" / "bin" / "hermes"
+    return candidate if candidate.is_file() and os.access(candidate, os.X_OK) else None
+
+
+@pytest.fixture
+def hermes_bin() -> Path:
+    """The real ``hermes`` CLI; the test is skipped without it, except under CI."""
+    found = find_hermes()
+    if found is None:
+        where = os.environ.get("SPARKOPS_TEST_HERMES") or ROOT / ".venv-hermes" / "bin" / "hermes"
+        message = (f"hermes not found at {where}; make it with `python3 -m venv .venv-hermes && "
+                   ".venv-hermes/bin/pip install hermes-agent==0.19.0` or set SPARKOPS_TEST_HERMES")
+        if IN_CI:
+            pytest.fail("Hermes is required in CI: " + message)
+        pytest.skip(message)
+    return found
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
@@ -239,3 +276,31 @@ def remote_env(server: Any, tmp_path: Path, *, name: str = "vps", trusted: bool 
     spec = {"address": "127.0.0.1", "port": server.port, "key_file": str(server.client_key),
             "known_hosts": str(known), **fields}
     return {"SPARKOPS_REMOTES": json.dumps({name: spec})}
+
+
+# -- the browser tests' app, started early -------------------------------------------------------
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When the browser tests will run, start their `up --demo` now: its two minutes
+    of living demo pass while the other test files run (test_browser.py)."""
+    browser = sys.modules.get("test_browser")
+    if browser is not None and any(getattr(item, "module", None) is browser for item in session.items):
+        browser.start_early()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    browser = sys.modules.get("test_browser")
+    if browser is not None:
+        browser.stop_early()
+
+
+def http_status(url: str) -> int | None:
+    """The HTTP status of a GET of ``url`` (loopback only), or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None

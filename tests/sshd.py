@@ -87,7 +87,7 @@ class SshServer:
         kind, blob = Path(f"{self.host_key}.pub").read_text().split()[:2]
         return f"[127.0.0.1]:{self.port} {kind} {blob}\n"
 
-    def start(self) -> "SshServer":
+    def start(self) -> SshServer:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         config = self.home / "sshd_config"

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import NOW, make_settings, wait_for
 
-from sparkops import actions, board, playbook, queries
-from sparkops.jobs import JobContext
-from sparkops.procs import RunIdentity, boot_id, describe
-from sparkops.store import open_store
+from sparkops.board import queries, runs
+from sparkops.board import transitions as board
+from sparkops.control import actions, playbook
+from sparkops.core.procs import RunIdentity, boot_id, describe
+from sparkops.engine import workers
+from sparkops.jobs.framework import JobContext
+from sparkops.storage.store import open_store
 
 
 @pytest.fixture
@@ -61,8 +65,9 @@ def test_reclaim_stops_the_live_worker_before_releasing_the_claim(ctx):
     try:
         agent = describe(worker.pid)
         identity = RunIdentity(ctx.host, boot_id(), agent=agent)
-        board.record_process(ctx.store.board, task, run_id=run, claim_lock=f"{ctx.host}:{worker.pid}",
-                             worker_pid=worker.pid, identity={"process": identity.as_dict()}, now=NOW)
+        runs.record_process(ctx.store.board, task, run_id=run, claim_lock=f"{ctx.host}:{worker.pid}",
+                            worker_pid=worker.pid, identity={"process": identity.as_dict()}, now=NOW)
+        workers.register(workers.directory(ctx.settings), task, run, identity)  # as the shim records it
         result = actions.reclaim_task(ctx, "ui@ops", task)
         assert result.ok, result.message
         wait_for(lambda: worker.poll() is not None, "the worker to be stopped")
@@ -72,6 +77,25 @@ def test_reclaim_stops_the_live_worker_before_releasing_the_claim(ctx):
         worker.wait()
     not_running = actions.reclaim_task(ctx, "ui@ops", task)
     assert not not_running.ok and "not running" in not_running.message
+
+
+def test_reclaim_never_signals_a_process_only_the_row_names(ctx):
+    """The row is data: a process identity SparkOps has no record of starting is
+    not signalled; the claim is released, saying so."""
+    task = board.create_task(ctx.store.board, "forged", now=NOW)
+    run = board.claim(ctx.store.board, task, lock=f"{ctx.host}:1", now=NOW).run_id
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        identity = RunIdentity(ctx.host, boot_id(), agent=describe(stranger.pid))
+        runs.record_process(ctx.store.board, task, run_id=run, claim_lock=f"{ctx.host}:1",
+                            worker_pid=stranger.pid, identity={"process": identity.as_dict()}, now=NOW)
+        result = actions.reclaim_task(ctx, "ui@ops", task)
+        assert result.ok and "not signalled: this host has no record of starting run" in result.message
+        time.sleep(0.2)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_run_a_job_now(ctx):
@@ -88,20 +112,21 @@ def test_playbook_capacity_diagnosis_and_its_fix(ctx):
     [capacity] = [d for d in playbook.diagnose(ctx) if d.key == "reclaim"]
     assert capacity.happening and task in capacity.evidence[0]
     assert capacity.preview == [f"would close {task} run 1 as spawn_failed"]
-    assert board.count_open_runs(ctx.store.board, ctx.host) == 1  # diagnosing changed nothing
+    assert runs.count_open_runs(ctx.store.board, ctx.host) == 1  # diagnosing changed nothing
     result = playbook.apply(ctx, "ui@ops", "reclaim")
-    assert result.ok and board.count_open_runs(ctx.store.board, ctx.host) == 0
+    assert result.ok and runs.count_open_runs(ctx.store.board, ctx.host) == 0
     assert audit(ctx)[-1][1:] == ("job.reclaim", "reclaim", "ok")
 
 
 def test_playbook_missing_workspace_is_recreated(ctx, tmp_path):
     task = board.create_task(ctx.store.board, "needs a dir", body="body text", now=NOW)
+    root = ctx.settings["dispatch.workspace_root"]
     board.claim_next(ctx.store.board, host=ctx.host, lock=f"{ctx.host}:1", capacity=1,
-                     workspace_root=str(tmp_path / "ws"), now=NOW)
+                     workspace_root=str(root), now=NOW)
     [workspace] = [d for d in playbook.diagnose(ctx) if d.key == "workspace"]
     assert workspace.happening and workspace.target == task
     assert playbook.apply(ctx, "ui@ops", "workspace", task).ok
-    assert (tmp_path / "ws" / task / "TASK.md").read_text() == "# needs a dir\n\nbody text\n"
+    assert (root / task / "TASK.md").read_text() == "# needs a dir\n\nbody text\n"
 
 
 def test_playbook_service_fixes_need_a_restart_command(ctx):

@@ -21,13 +21,13 @@ import pytest
 from conftest import NOW, make_settings
 from sqlalchemy import select
 
-from sparkops import alerts
-from sparkops.alerts import Alert, Outcome, notify, recent, state
 from sparkops.config import Secrets, Settings
-from sparkops.errors import InvalidInput
-from sparkops.jobs import JobContext
-from sparkops.schema import ops_alert_state, ops_alerts
-from sparkops.store import Store, open_store
+from sparkops.core.errors import InvalidInput
+from sparkops.jobs.framework import JobContext
+from sparkops.storage.schema import ops_alert_state, ops_alerts
+from sparkops.storage.store import Store, open_store
+from sparkops.watch import alerts
+from sparkops.watch.alerts import Alert, Outcome, notify, recent, state
 
 TOKEN = "987654321:SPARKOPS-TEST-TOKEN-do-not-leak-Zq81"
 CHAT_ID = "-100424242"
@@ -234,14 +234,14 @@ def test_telegram_text_is_trimmed_to_4096_utf16_units(make_ctx, serve) -> None:
 
 
 def test_no_channel_configured_is_logged(make_ctx, caplog) -> None:
-    caplog.set_level(logging.DEBUG, logger="sparkops.alerts")
+    caplog.set_level(logging.DEBUG, logger="sparkops.watch.alerts")
     ctx = make_ctx(secrets=Secrets(telegram_token=TOKEN))  # a token without a chat id: no Telegram
 
     record = notify(ctx, vllm_down(), now=NOW)
 
     assert record.outcome == Outcome.LOGGED
     assert record.channels == {"log": "sent", "telegram": "off", "webhook": "off"}
-    [logged] = [r for r in caplog.records if r.name == "sparkops.alerts"]
+    [logged] = [r for r in caplog.records if r.name == "sparkops.watch.alerts"]
     assert logged.levelno == logging.ERROR
     assert "service:vllm" in logged.getMessage() and "vLLM is down" in logged.getMessage()
     assert rows(ctx)[0]["outcome"] == "logged"
@@ -250,14 +250,14 @@ def test_no_channel_configured_is_logged(make_ctx, caplog) -> None:
 @pytest.mark.parametrize(("level", "logged_at"), [
     ("warning", logging.WARNING), ("info", logging.INFO), ("recovery", logging.INFO)])
 def test_log_level_follows_the_alert_level(make_ctx, caplog, level, logged_at) -> None:
-    caplog.set_level(logging.DEBUG, logger="sparkops.alerts")
+    caplog.set_level(logging.DEBUG, logger="sparkops.watch.alerts")
     ctx = make_ctx(cooldown=0)
     notify(ctx, vllm_down(), now=NOW)  # something to recover from
     caplog.clear()
 
     notify(ctx, vllm_down(level), now=NOW + MIN)
 
-    assert [r.levelno for r in caplog.records if r.name == "sparkops.alerts"] == [logged_at]
+    assert [r.levelno for r in caplog.records if r.name == "sparkops.watch.alerts"] == [logged_at]
 
 
 # -- the cooldown ----------------------------------------------------------------------------

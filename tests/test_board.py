@@ -4,13 +4,14 @@ its event, the fencing token and the refusals."""
 from __future__ import annotations
 
 import pytest
+from conftest import NOW
 from sqlalchemy import select, update
 
-from conftest import NOW
-from sparkops import board, queries
-from sparkops.board import Outcome, Status
-from sparkops.errors import InvalidInput, NotFound, Refused, StaleRun, TransitionRefused
-from sparkops.schema import task_events, task_runs, tasks
+from sparkops.board import model, queries, runs
+from sparkops.board import transitions as board
+from sparkops.board.model import Outcome, Status
+from sparkops.core.errors import InvalidInput, NotFound, Refused, StaleRun, TransitionRefused
+from sparkops.storage.schema import task_events, task_runs, tasks
 
 
 def status_of(store, task_id: str) -> str:
@@ -110,7 +111,7 @@ def test_stale_run_is_refused_and_changes_nothing(store):
     for late in (
         lambda: board.complete(store.board, t, run_id=first, result="late", now=NOW + 30),
         lambda: board.block(store.board, t, run_id=first, reason="late", now=NOW + 30),
-        lambda: board.heartbeat(store.board, t, run_id=first, now=NOW + 30),
+        lambda: runs.heartbeat(store.board, t, run_id=first, now=NOW + 30),
         lambda: board.fail(store.board, t, run_id=first, outcome=Outcome.CRASHED, error="x",
                            failure_limit=2, now=NOW + 30),
     ):
@@ -176,14 +177,16 @@ def test_promote_respects_parents_unless_forced(store):
         "actor": "ops", "reason": None, "forced": True}
 
 
-def test_archive_of_running_task_is_refused(store):
+def test_archive_of_a_running_task_closes_its_run_as_hermes_does(store):
+    """The shim watching the run stops its agent (tests/test_shared_board.py)."""
     t = board.create_task(store.board, "Busy", now=NOW)
     run = board.claim(store.board, t, lock="h:1", now=NOW).run_id
-    with pytest.raises(TransitionRefused, match="reclaim it first"):
-        board.archive(store.board, t, now=NOW)
-    assert status_of(store, t) == "running"
-    board.reclaim(store.board, t, run_id=run, reason="operator", now=NOW + 1)
-    assert board.archive(store.board, t, now=NOW + 2).to_status == "archived"
+    change = board.archive(store.board, t, now=NOW + 2)
+    assert (change.from_status, change.to_status, change.run_id) == ("running", "archived", run)
+    [r] = queries.list_runs(store.board, task_id=t)
+    assert (r["status"], r["outcome"], r["ended_at"]) == ("reclaimed", "reclaimed", NOW + 2)
+    task = queries.get_task(store.board, t)
+    assert task["claim_lock"] is None and task["current_run_id"] is None
     with pytest.raises(TransitionRefused):
         board.archive(store.board, t, now=NOW + 3)
 
@@ -217,7 +220,8 @@ def test_failures_trip_the_circuit_breaker(store):
     assert change.to_status == "blocked"
     task = queries.get_task(store.board, t)
     assert task["consecutive_failures"] == 2 and task["last_failure_error"] == "boom 2"
-    assert events_of(store, t)[-2:] == ["timed_out", "gave_up"]
+    # gave_up, and the blocked event that keeps Hermes' recompute_ready away
+    assert events_of(store, t)[-3:] == ["timed_out", "gave_up", "blocked"]
     outcomes = [r["outcome"] for r in reversed(queries.list_runs(store.board, task_id=t))]
     assert outcomes == ["crashed", "rate_limited", "timed_out"]
     # an operator's unblock gives a fresh budget
@@ -246,7 +250,7 @@ def test_completion_resets_failures(store):
 def test_heartbeat_updates_task_and_run(store):
     t = board.create_task(store.board, "Long", now=NOW)
     run = board.claim(store.board, t, lock="h:1", now=NOW).run_id
-    board.heartbeat(store.board, t, run_id=run, now=NOW + 60)
+    runs.heartbeat(store.board, t, run_id=run, now=NOW + 60)
     assert queries.get_task(store.board, t)["last_heartbeat_at"] == NOW + 60
     assert queries.list_runs(store.board, task_id=t)[0]["last_heartbeat_at"] == NOW + 60
 
@@ -332,7 +336,7 @@ def test_transition_table_is_the_only_way(store):
 
 
 def test_retry_policy_backoff_grows_and_caps():
-    policy = board.RetryPolicy(backoff_seconds=10, backoff_max_seconds=60, rate_limit_cooldown_seconds=300)
+    policy = model.RetryPolicy(backoff_seconds=10, backoff_max_seconds=60, rate_limit_cooldown_seconds=300)
     assert [policy.backoff(n) for n in range(7)] == [0, 0, 10, 20, 40, 60, 60]
     assert policy.not_before(1, "crashed", 1000) == 1000  # the first retry is immediate
     assert policy.not_before(3, "crashed", 1000) == 1020
@@ -344,16 +348,16 @@ def test_record_process_is_fenced_and_kept_when_the_run_closes(store):
     t = board.create_task(store.board, "Work", now=NOW)
     run = board.claim(store.board, t, lock="h:1", now=NOW).run_id
     identity = {"process": {"host": "h", "boot_id": "b", "shim": {"pid": 10, "start": 1.5, "pgid": 10}}}
-    board.record_process(store.board, t, run_id=run, claim_lock="h:10", worker_pid=11,
-                         identity=identity, now=NOW + 1)
+    runs.record_process(store.board, t, run_id=run, claim_lock="h:10", worker_pid=11,
+                        identity=identity, now=NOW + 1)
     task = queries.get_task(store.board, t)
     assert (task["claim_lock"], task["worker_pid"], task["last_heartbeat_at"]) == ("h:10", 11, NOW + 1)
     board.complete(store.board, t, run_id=run, metadata={"tests": 2}, now=NOW + 2)
     [r] = queries.list_runs(store.board, task_id=t)
     assert r["metadata"] == {**identity, "tests": 2}  # the identity survives the close
     with pytest.raises(StaleRun):
-        board.record_process(store.board, t, run_id=run, claim_lock="h:12", worker_pid=13,
-                             identity=identity, now=NOW + 3)
+        runs.record_process(store.board, t, run_id=run, claim_lock="h:12", worker_pid=13,
+                            identity=identity, now=NOW + 3)
 
 
 def test_protocol_violations_have_their_own_limit(store):
@@ -372,17 +376,24 @@ def test_protocol_violations_have_their_own_limit(store):
     assert change.to_status == "blocked"
     gave_up = queries.list_events(store.board, task_id=t, kinds=["gave_up"])[0]["payload"]
     assert gave_up["limit_source"] == "protocol_violation_limit" and gave_up["effective_limit"] == 3
+    # booked as Hermes books a violation, so that its streak counts them too
+    for r in queries.list_runs(store.board, task_id=t):
+        assert (r["status"], r["outcome"]) == ("crashed", "crashed")
+        assert r["metadata"]["protocol_violation"] is True and r["metadata"]["exit_code"] == 0
+        assert r["error"] == "protocol violation: exit 0, no report"
+    assert events_of(store, t)[-3:] == ["protocol_violation", "gave_up", "blocked"]
 
 
-def test_a_crash_breaks_the_protocol_violation_streak(store):
+@pytest.mark.parametrize("between, then", [(Outcome.CRASHED, "ready"), (Outcome.RATE_LIMITED, "blocked")])
+def test_a_crash_breaks_the_protocol_violation_streak_and_a_rate_limit_does_not(store, between, then):
+    """Hermes' rule: any other run ends the streak, a rate-limited one is neutral."""
     t = board.create_task(store.board, "Mixed", now=NOW)
-    outcomes = [Outcome.PROTOCOL_VIOLATION, Outcome.PROTOCOL_VIOLATION, Outcome.RATE_LIMITED,
-                Outcome.PROTOCOL_VIOLATION]
+    outcomes = [Outcome.PROTOCOL_VIOLATION, Outcome.PROTOCOL_VIOLATION, between, Outcome.PROTOCOL_VIOLATION]
     for i, outcome in enumerate(outcomes):
         run = board.claim(store.board, t, lock="h:1", now=NOW + i).run_id
         change = board.fail(store.board, t, run_id=run, outcome=outcome, error="x",
                             failure_limit=5, protocol_violation_limit=3, now=NOW + i)
-    assert change.to_status == "ready"  # the rate limit in between reset the streak
+    assert change.to_status == then
 
 
 def test_workspace_missing_counts_as_a_failure(store):

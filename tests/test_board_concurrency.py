@@ -6,11 +6,12 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
+from conftest import NOW
 from sqlalchemy import func, select
 
-from conftest import NOW
-from sparkops import board, queries
-from sparkops.schema import task_events, task_runs
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.storage.schema import task_events, task_runs
 
 WORKERS = 8
 
@@ -18,8 +19,8 @@ WORKERS = 8
 def _contend(url: str, action: str, task_id: str, run_id: int | None, worker: int,
              barrier, results) -> None:
     """Child process: open its own engine, wait for the others, try once."""
-    from sparkops.db import Database
-    from sparkops.errors import SparkOpsError
+    from sparkops.core.errors import SparkOpsError
+    from sparkops.storage.db import Database
 
     db = Database(url, role="board")
     try:

@@ -8,7 +8,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 
@@ -83,8 +82,8 @@ def test_task_lifecycle_through_cli(cli, tmp_path):
 
 def test_worker_reports_with_its_run(cli, tmp_path, env):
     """A worker reports with --run (or SPARKOPS_RUN_ID); a stale run is refused."""
-    from sparkops.db import Database
-    from sparkops import board
+    from sparkops.board import transitions as board
+    from sparkops.storage.db import Database
 
     task = ok(cli("task", "create", "Work")).strip()
     db = Database(env["SPARKOPS_STORAGE_BOARD_URL"], role="board")

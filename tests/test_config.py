@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from sparkops.config import (
     RESERVED_ENV,
     SETTINGS,
@@ -20,7 +20,7 @@ from sparkops.config import (
     load_settings,
     mask_url,
 )
-from sparkops.errors import EXIT_USAGE, ConfigError
+from sparkops.core.errors import EXIT_USAGE, ConfigError
 
 
 def config_error(*args, **kwargs) -> str:
@@ -267,7 +267,8 @@ def test_unknown_variable_of_a_section_is_refused(tmp_path, name):
 
 
 def test_reserved_and_unrelated_variables_are_ignored(tmp_path):
-    env = {name: "garbage" for name in RESERVED_ENV if name not in ("SPARKOPS_CONFIG", "SPARKOPS_SERVICES", "SPARKOPS_REMOTES")}
+    tables = ("SPARKOPS_CONFIG", "SPARKOPS_SERVICES", "SPARKOPS_REMOTES")
+    env = {name: "garbage" for name in RESERVED_ENV if name not in tables}
     env.update({"SPARKOPS_CONFIG": "", "SPARKOPS_WHATEVER": "x", "SPARKOPS_LOG_LEVEL": "DEBUG",
                 "SPARKOPS_TEST_PG": "postgresql://x", "sparkops_storage_foo": "1",
                 "OTHER_STORAGE_FOO": "1"})

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_settings
 
-from sparkops import board, queries
-from sparkops.demo_agent import STEPS, Options, Scenario, derive_seed, plan_run
-from sparkops.errors import InvalidInput
-from sparkops.store import Store, open_store
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.core.errors import InvalidInput
+from sparkops.demo.agent import STEPS, Options, Scenario, derive_seed, plan_run
+from sparkops.storage.store import Store, open_store
 
 FAST = ["--min-seconds", "0", "--max-seconds", "0.2"]
 TASK_TEXT = "# Add a health endpoint\n\nAdd GET /health returning 200 and the version; test it.\n"
@@ -64,7 +65,7 @@ def agent_env(tmp_path: Path, task_id: str, run_id: int, workspace: Path) -> dic
 
 def run_agent(tmp_path, claimed, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     workspace = claimed[2]
-    return subprocess.run([sys.executable, "-m", "sparkops.demo_agent", *args], check=False,
+    return subprocess.run([sys.executable, "-m", "sparkops.demo.agent", *args], check=False,
                           cwd=workspace, env=env or agent_env(tmp_path, *claimed),
                           capture_output=True, text=True, timeout=30)
 
@@ -124,7 +125,7 @@ def test_forced_ending_leaves_the_task_to_the_shim(tmp_path, claimed, board_stor
 def test_hang_lives_until_sigterm(tmp_path, claimed, board_store):
     task_id, _, workspace = claimed
     worklog = workspace / "WORKLOG.md"
-    proc = subprocess.Popen([sys.executable, "-m", "sparkops.demo_agent", *FAST, "--hang-rate", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "sparkops.demo.agent", *FAST, "--hang-rate", "1"],
                             cwd=workspace, env=agent_env(tmp_path, *claimed),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,6 +1,6 @@
 """Disk cleanup on a real tree in tmp_path and a real SQLite board.
 
-Tasks are made with :mod:`sparkops.board` (with ``now=`` in the past, or
+Tasks are made with :mod:`sparkops.board.transitions` (with ``now=`` in the past, or
 ``completed_at`` backdated with an UPDATE); file ages are set with ``os.utime``;
 the clock is passed as ``now=NOW``. Disk usage is the one edge that is faked
 (``measure=``): a fake whose "used" space is a fixed base plus what the tree
@@ -23,12 +23,14 @@ import pytest
 from conftest import NOW, make_settings
 from sqlalchemy import update
 
-from sparkops import board, disk
-from sparkops.board import Outcome
-from sparkops.disk import Candidate, DiskUsage
-from sparkops.jobs import JobContext
-from sparkops.schema import tasks
-from sparkops.store import open_store
+from sparkops.board import transitions as board
+from sparkops.board.model import Outcome
+from sparkops.jobs.framework import JobContext
+from sparkops.storage.schema import tasks
+from sparkops.storage.store import open_store
+from sparkops.watch import cleanup_plan, disk
+from sparkops.watch.cleanup_plan import Candidate
+from sparkops.watch.disk import DiskUsage
 
 DAY = 86400
 
@@ -207,7 +209,7 @@ def test_plan_takes_only_old_logs_and_long_finished_workspaces(ctx: JobContext):
     unknown = workspace(ctx, "t_deadbeef")
     write(Path(s["dispatch.workspace_root"]) / "stray.txt", age_days=90)
 
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
 
     ws_root = Path(s["dispatch.workspace_root"])
     assert {c.path for c in plan.candidates} == {
@@ -262,11 +264,11 @@ def test_plan_reads_the_board_the_same_on_both_backends(settings, store):
     for task_id in (old_done, archived, running):
         workspace(ctx, task_id)
 
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
 
     root = Path(settings["dispatch.workspace_root"])
     assert [(c.path, round(c.age_days)) for c in plan.candidates] == [(root / old_done, 10),
-                                                                       (root / archived, 9)]
+                                                                      (root / archived, 9)]
     assert dict(plan.kept_workspaces) == {root / running: "task is running"}
 
 
@@ -280,7 +282,7 @@ def test_a_log_root_holding_the_databases_and_workspaces_spares_them(make_ctx, t
     backdate(board_file, 30)
     old = write(tmp_path / "data" / "old.log", age_days=30)
 
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
 
     assert [c.path for c in plan.candidates] == [old]
     assert plan.kept["a database file"] >= 2                      # kanban.db and sparkops.db
@@ -297,7 +299,7 @@ def test_a_log_root_inside_the_workspace_root_is_refused(make_ctx, tmp_path: Pat
     root = tmp_path / "data" / "workspaces" / running / "logs"
     ctx = make_ctx(SPARKOPS_DISK_LOG_ROOTS=json.dumps([str(root)]))
 
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
 
     assert plan.candidates == []
     why = f"log root {root} is inside the workspace root {tmp_path / 'data' / 'workspaces'}"
@@ -308,11 +310,11 @@ def test_a_log_root_inside_the_workspace_root_is_refused(make_ctx, tmp_path: Pat
 def test_a_task_reopened_after_the_plan_keeps_its_workspace(ctx: JobContext, monkeypatch):
     task = done_task(ctx, "done", finished_days_ago=10)
     ws = workspace(ctx, task)
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
     assert [c.path for c in plan.candidates] == [ws]
     with ctx.store.board.write() as conn:          # another tool reopens it meanwhile
         conn.execute(update(tasks).where(tasks.c.id == task).values(status="ready"))
-    monkeypatch.setattr(disk, "plan_cleanup", lambda *_a, **_k: plan)
+    monkeypatch.setattr(cleanup_plan, "plan_cleanup", lambda *_a, **_k: plan)
 
     report = disk.clean(ctx, now=NOW, force=True)
 
@@ -328,14 +330,14 @@ def test_the_tree_changing_between_plan_and_delete_is_checked_again(ctx: JobCont
     ws = workspace(ctx, done_task(ctx, "done", finished_days_ago=10))
     outside = tmp_path / "outside"
     precious = write(outside / "precious.txt", age_days=30)
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
     assert [c.path for c in plan.candidates] == [swapped_log, vanished_log, ws]
     swapped_log.unlink()
     swapped_log.symlink_to(precious)                 # a log became a link out of the root
     vanished_log.unlink()                            # someone else deleted it
     shutil.rmtree(ws)
     ws.symlink_to(outside)                           # a workspace became a link out of the root
-    monkeypatch.setattr(disk, "plan_cleanup", lambda *_a, **_k: plan)
+    monkeypatch.setattr(cleanup_plan, "plan_cleanup", lambda *_a, **_k: plan)
 
     report = disk.clean(ctx, now=NOW, force=True)
 
@@ -355,7 +357,7 @@ def test_a_finished_workspace_holding_a_live_tasks_workspace_is_kept(ctx: JobCon
     with ctx.store.board.write() as conn:
         conn.execute(update(tasks).where(tasks.c.id == running).values(workspace_path=str(ws / "src")))
 
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
 
     assert plan.candidates == []
     assert dict(plan.kept_workspaces) == {ws: f"holds the workspace of running task {running}"}
@@ -365,7 +367,7 @@ def test_hard_links_inside_a_workspace_count_once(ctx: JobContext):
     ws = workspace(ctx, done_task(ctx, "done", finished_days_ago=10), size=40_000)
     os.link(ws / "src" / "main.py", ws / "src" / "copy.py")
 
-    (candidate,) = disk.plan_cleanup(ctx, now=NOW).candidates
+    (candidate,) = cleanup_plan.plan_cleanup(ctx, now=NOW).candidates
 
     assert candidate.bytes == du(ws) - os.lstat(ws / "src" / "copy.py").st_blocks * 512
 
@@ -378,7 +380,7 @@ def test_plan_walks_ten_thousand_files(ctx: JobContext):
         if i % 2:
             old.add(path)
 
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
 
     assert {c.path for c in plan.candidates} == old
     assert plan.kept["log newer than 7 days"] == 5000
@@ -406,7 +408,7 @@ def test_symlinks_out_of_a_root_are_refused_and_links_inside_deleted_as_links(ct
     ws_root.mkdir(parents=True, exist_ok=True)
     (ws_root / task).symlink_to(outside)
 
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
 
     refused = {path: why for path, why in plan.refused}
     assert set(refused) == {logs / "evil.log", logs / "sub" / "evil_dir", logs / "sub" / "dotdot.log",
@@ -435,7 +437,7 @@ def test_a_root_that_is_slash_home_or_not_a_directory_is_refused_whole(make_ctx,
     roots = ["/", "/tmp/../", str(home), str(tmp_path / "home"), str(a_file), str(tmp_path / "nope")]
     ctx = make_ctx(SPARKOPS_DISK_LOG_ROOTS=json.dumps(roots), SPARKOPS_DISPATCH_WORKSPACE_ROOT="~")
 
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
 
     assert plan.candidates == []
     assert plan.refused == [
@@ -464,7 +466,7 @@ def test_dry_run_changes_nothing_and_lists_the_plan(ctx: JobContext):
     data = Path(ctx.settings["disk.paths"][0])
     before = snapshot(data)
 
-    plan = disk.plan_cleanup(ctx, now=NOW)
+    plan = cleanup_plan.plan_cleanup(ctx, now=NOW)
     report = disk.clean(ctx, now=NOW, dry_run=True, measure=fake_usage(data, percent=95))
 
     assert report.dry_run and report.triggered

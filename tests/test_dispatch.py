@@ -1,5 +1,5 @@
 """The dispatcher: ``board.claim_next`` (order, dependencies, capacity, backoff), 8
-real processes claiming 2,000 tasks, the ``dispatch`` job starting real worker
+real processes claiming 1,000 tasks, the ``dispatch`` job starting real worker
 shims and agents, and hermes mode with the real ``hermes`` CLI.
 
 The clock is passed in and failed runs are backdated with ``board.fail(now=...)``;
@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -22,25 +23,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IN_CI, NOW, ROOT, gone, make_settings, wait_for
+from conftest import NOW, gone, make_settings, wait_for
 from sqlalchemy import func, insert, select
 
-from sparkops import board, procs, queries
-from sparkops.board import Outcome, RetryPolicy
+from sparkops.board import model, queries, runs
+from sparkops.board import transitions as board
+from sparkops.board.model import Outcome, RetryPolicy
 from sparkops.config import load_settings
-from sparkops.dispatch import ShimTracker, dispatch_hermes
-from sparkops.errors import ConfigError
-from sparkops.jobs import JobContext, JobRun, run_job
-from sparkops.procs import RunIdentity
-from sparkops.schema import task_events, task_runs, tasks
-from sparkops.store import open_store
+from sparkops.core import procs
+from sparkops.core.errors import ConfigError
+from sparkops.core.procs import RunIdentity
+from sparkops.engine import dispatch
+from sparkops.engine.dispatch import ShimTracker, dispatch_hermes
+from sparkops.jobs.framework import JobContext, JobRun
+from sparkops.runner.registry import run_job
+from sparkops.storage.schema import task_events, task_runs, tasks
+from sparkops.storage.store import open_store
 
 HOUR = 3600
 #: Event kinds that close a run (they follow the run's ``claimed`` event).
-CLOSING = {"completed", "blocked", "reclaimed", *(str(o) for o in board.FAILURE_OUTCOMES)}
+CLOSING = {"completed", "blocked", "reclaimed", *(str(o) for o in model.FAILURE_OUTCOMES)}
 
 
-def claim(db, host: str = "h", *, capacity: int = 10, now: float = NOW, **kwargs) -> board.Change | None:
+def claim(db, host: str = "h", *, capacity: int = 10, now: float = NOW, **kwargs) -> model.Change | None:
     return board.claim_next(db, host=host, lock=f"{host}:1", capacity=capacity, now=now, **kwargs)
 
 
@@ -48,13 +53,13 @@ def max_open_runs(db) -> int:
     """The most runs open at once, read from the event log: walk it in id order,
     +1 on ``claimed``, -1 on an event that closes a run."""
     with db.read() as conn:
-        kinds = conn.execute(select(task_events.c.kind).order_by(task_events.c.id)).scalars().all()
+        events = conn.execute(select(task_events.c.kind, task_events.c.run_id).order_by(task_events.c.id)).all()
     level = peak = 0
-    for kind in kinds:
+    for kind, run_id in events:
         if kind == "claimed":
             level += 1
             peak = max(peak, level)
-        elif kind in CLOSING:
+        elif kind in CLOSING and run_id is not None:  # a breaker's "blocked" closes no run
             level -= 1
         assert level >= 0, "a run closed that was never claimed"
     return peak
@@ -104,8 +109,8 @@ def test_capacity_counts_this_hosts_open_runs_only(store):
     b = board.claim_next(db, host="h_1", lock="h_1:200", capacity=2, now=NOW)  # another dispatcher
     assert a and b
     assert board.claim_next(db, host="h_1", lock="h_1:300", capacity=2, now=NOW) is None
-    assert board.count_open_runs(db, "h_1") == 2
-    assert board.count_open_runs(db, "h_10") == 1 and board.count_open_runs(db, "hx1") == 1
+    assert runs.count_open_runs(db, "h_1") == 2
+    assert runs.count_open_runs(db, "h_10") == 1 and runs.count_open_runs(db, "hx1") == 1
 
     # Counted from live runs: closing one, however it ends, frees its slot.
     board.complete(db, a.task_id, run_id=a.run_id, now=NOW + 1)
@@ -114,7 +119,7 @@ def test_capacity_counts_this_hosts_open_runs_only(store):
     board.fail(db, b.task_id, run_id=b.run_id, outcome=Outcome.SPAWN_FAILED, error="x",
                failure_limit=5, now=NOW + 2)
     assert board.claim_next(db, host="h_1", lock="h_1:100", capacity=2, now=NOW + 2) is not None
-    assert board.count_open_runs(db, "h_1") == 2
+    assert runs.count_open_runs(db, "h_1") == 2
     assert {r["task_id"] for r in queries.list_runs(db, active_only=True)} <= set(ids)
 
 
@@ -189,17 +194,17 @@ def test_claim_sets_workspace_and_marks_the_run_as_ours(store, tmp_path):
     assert queries.get_task(db, bare)["workspace_path"] is None
 
 
-# -- scenario 1: 8 processes, 2,000 tasks ------------------------------------------------------
+# -- scenario 1: 8 processes, 1,000 tasks ------------------------------------------------------
 
 CLAIMERS = 8
 CAPACITY = 4
-TASKS = 2000
+TASKS = 1000
 
 
 def _claim_and_complete(url: str, worker: int, barrier, results) -> None:
     """Child process: claim and complete until no ready task is left; report back
     how many it did and every exception it saw."""
-    from sparkops.db import Database
+    from sparkops.storage.db import Database
 
     db = Database(url, role="board")
     done, full, errors = 0, 0, []
@@ -225,7 +230,7 @@ def _claim_and_complete(url: str, worker: int, barrier, results) -> None:
     results.put((worker, done, full, errors))
 
 
-def test_eight_processes_claim_2000_tasks_each_exactly_once_within_capacity(store, settings):
+def test_eight_processes_claim_1000_tasks_each_exactly_once_within_capacity(store, settings):
     db = store.board
     rows = [{"id": f"t_{i:08x}", "title": f"task {i}", "status": "ready", "priority": i % 3,
              "created_at": NOW - TASKS + (i * 7919) % TASKS, "workspace_kind": "scratch"}
@@ -266,7 +271,7 @@ def test_eight_processes_claim_2000_tasks_each_exactly_once_within_capacity(stor
 
 def _claim_once(url: str, worker: int, barrier, results) -> None:
     """Child process: wait for the others, then try one claim."""
-    from sparkops.db import Database
+    from sparkops.storage.db import Database
 
     db = Database(url, role="board")
     try:
@@ -297,7 +302,7 @@ def test_eight_dispatchers_racing_for_the_last_free_slot_fill_only_that_slot(sto
 
     assert [o[2] for o in outcomes if o[2]] == []
     assert len([o for o in outcomes if o[1]]) == 1
-    assert board.count_open_runs(db, "h") == CAPACITY
+    assert runs.count_open_runs(db, "h") == CAPACITY
     assert sum(1 for t in ids if queries.get_task(db, t)["status"] == "running") == CAPACITY
 
 
@@ -352,7 +357,7 @@ class Engine:
     def tick(self) -> JobRun:
         result = run_job(self.ctx, "dispatch")
         assert result.outcome == "ok", result.error
-        self.open_counts.append(board.count_open_runs(self.db, self.ctx.host))
+        self.open_counts.append(runs.count_open_runs(self.db, self.ctx.host))
         return result
 
     def tick_until(self, done: Callable[[], Any], what: str, timeout: float = 60.0) -> list[JobRun]:
@@ -472,9 +477,23 @@ def test_shim_that_fails_has_its_run_closed_at_the_next_tick_with_its_log_tail(e
         assert run["outcome"] == "crashed"
         assert run["error"].startswith("worker shim exit 1 before closing the run: ")
         assert "dispatch.heartbeat_seconds must be a number" in run["error"]  # the log's tail
-    assert len(detail["runs"]) == 2 and detail["events"][-1]["kind"] == "gave_up"
+    assert len(detail["runs"]) == 2 and [e["kind"] for e in detail["events"][-2:]] == ["gave_up", "blocked"]
     assert detail["task"]["consecutive_failures"] == 2
     assert len(e.ctx.shims) == 0
+
+
+def test_a_crash_is_summed_up_by_the_exceptions_own_line(tmp_path):
+    """A Python agent's traceback (with 3.11's ``~~^^^`` markers) is summed up by its
+    last line, not by the markers and frames before it; other logs by their tail."""
+    log, agent = tmp_path / "run.log", tmp_path / "agent.py"  # a file: tracebacks quote its lines
+    agent.write_text("print('loading the plan')\nplan = {'api': None}\nstep = plan['api']['port'] + 1\n")
+    with open(log, "wb") as out:
+        subprocess.run([sys.executable, str(agent)], stdout=out, stderr=subprocess.STDOUT, timeout=60)
+    assert "^^^^" in log.read_text()
+    assert dispatch.log_tail(log) == "TypeError: 'NoneType' object is not subscriptable"
+    log.write_text("step 1\n\nstep 2: cannot reach the repo\n")
+    assert dispatch.log_tail(log) == "step 1 | step 2: cannot reach the repo"
+    assert dispatch.log_tail(tmp_path / "missing.log") == ""
 
 
 def test_killed_shim_with_a_live_agent_keeps_the_claim_until_the_agent_is_gone(engine):
@@ -528,27 +547,9 @@ def test_shim_that_cannot_start_is_booked_spawn_failed(engine, tmp_path):
 # -- hermes mode -------------------------------------------------------------------------------
 
 
-def _find_hermes() -> Path | None:
-    configured = os.environ.get("SPARKOPS_TEST_HERMES")
-    candidate = Path(configured) if configured else ROOT / ".venv-hermes" / "bin" / "hermes"
-    return candidate if candidate.is_file() and os.access(candidate, os.X_OK) else None
-
-
-@pytest.fixture
-def hermes_bin() -> Path:
-    found = _find_hermes()
-    if found is None:
-        message = ("hermes not found (.venv-hermes/bin/hermes or $SPARKOPS_TEST_HERMES); make it with "
-                   "`python3 -m venv .venv-hermes && .venv-hermes/bin/pip install hermes-agent==0.19.0`")
-        if IN_CI:
-            pytest.fail("Hermes is required in CI: " + message)
-        pytest.skip(message)
-    return found
-
-
 @pytest.mark.parametrize("backend", ["sqlite"])  # Hermes reads only SQLite boards
 def test_hermes_mode_runs_hermes_dispatch_on_the_board_with_the_free_slots(hermes_bin, engine, tmp_path,
-                                                                            monkeypatch):
+                                                                           monkeypatch):
     monkeypatch.setenv("HERMES_HOME", str(tmp_path / "hermes-home"))  # never the user's ~/.hermes
     argv = [str(hermes_bin), "kanban", "dispatch", "--max", "{max}", "--json"]
     e = engine(SPARKOPS_DISPATCH_MODE="hermes", SPARKOPS_DISPATCH_MAX_IN_PROGRESS="3",
@@ -564,7 +565,10 @@ def test_hermes_mode_runs_hermes_dispatch_on_the_board_with_the_free_slots(herme
 
     result = e.tick()
 
-    assert result.summary == "hermes dispatch --max 2: spawned 0, reclaimed 1"
+    # Hermes' --max caps the whole board: 1 running (the stale claim elsewhere is released
+    # first) + the 2 free slots here
+    assert result.summary.startswith("hermes dispatch --max 3 (1 running on the board, 2 free here): "
+                                     "spawned 0, reclaimed 1; 2 ready task(s) skipped: no assignee")  # the released too
     assert result.acted
     assert result.details["reclaimed"] == 1 and waiting in result.details["skipped_unassigned"]
     assert queries.get_task(e.db, stale)["status"] == "ready"
@@ -585,13 +589,68 @@ def test_hermes_mode_passes_the_free_slots_and_the_board_without_secrets(engine,
     board.claim(e.db, busy[0], lock=host_lock)
 
     report_1 = dispatch_hermes(e.ctx)
-    assert report_1.summary == "hermes dispatch --max 2: spawned 0, reclaimed 0" and not report_1.acted
-    assert report_1.details == {"argv": ["--max", "2"], "db": str(e.db.path), "secret": None}
+    assert report_1.summary == "hermes dispatch --max 3 (1 running on the board, 2 free here): spawned 0, " \
+                               "reclaimed 0" and not report_1.acted
+    assert report_1.details == {"argv": ["--max", "3"], "db": str(e.db.path), "secret": None}
+    # nothing changed: hermes (a second of CPU) is not started again until the interval ends
+    assert dispatch_hermes(e.ctx).summary == "nothing changed since the last hermes dispatch"
 
-    for task_id in busy[1:]:
-        board.claim(e.db, task_id, lock=host_lock)
+    board.claim(e.db, busy[1], lock="another-host:1")  # another host's run counts on the board
+    assert dispatch_hermes(e.ctx).details["argv"] == ["--max", "4"]
+
+    board.claim(e.db, busy[2], lock=host_lock)
+    board.create_task(e.db, "one more")
+    board.claim(e.db, board.create_task(e.db, "and more"), lock=host_lock)
     at_capacity = dispatch_hermes(e.ctx)
     assert at_capacity.summary == "at capacity (3 running)" and not at_capacity.acted
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # Hermes reads only SQLite boards
+def test_hermes_mode_runs_hermes_again_after_the_interval_even_when_nothing_changed(engine, tmp_path):
+    counter = tmp_path / "hermes-runs"
+    fake = f"open({str(counter)!r}, 'a').write('x'); print('{{}}')"
+    e = engine(SPARKOPS_DISPATCH_MODE="hermes", SPARKOPS_DISPATCH_HERMES_INTERVAL_SECONDS="1",
+               SPARKOPS_DISPATCH_HERMES_ARGV=[sys.executable, "-c", fake, "{max}"])
+    dispatch_hermes(e.ctx)
+    dispatch_hermes(e.ctx)
+    assert counter.read_text() == "x"
+    time.sleep(1.1)  # the interval is the runner's wall clock, not board time
+    dispatch_hermes(e.ctx)
+    assert counter.read_text() == "xx"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # Hermes reads only SQLite boards
+def test_hermes_mode_with_two_slots_and_one_long_task_starts_a_second(hermes_bin, engine, tmp_path,
+                                                                      monkeypatch):
+    """Hermes reads --max as the cap of the whole board's running tasks: passing the
+    free slots (1) with one task running would start nothing."""
+    monkeypatch.setenv("HERMES_HOME", str(tmp_path / "hermes-home"))
+    worker = tmp_path / "fake-hermes-worker.sh"  # what Hermes spawns as its worker (HERMES_BIN)
+    worker.write_text("#!/bin/sh\nexec sleep 60\n")
+    worker.chmod(0o755)
+    monkeypatch.setenv("HERMES_BIN", str(worker))
+    e = engine(SPARKOPS_DISPATCH_MODE="hermes", SPARKOPS_DISPATCH_MAX_IN_PROGRESS="2",
+               SPARKOPS_DISPATCH_HERMES_ARGV=[str(hermes_bin), "kanban", "dispatch", "--max", "{max}", "--json"])
+    spawned: list[int] = []
+    try:
+        first = board.create_task(e.db, "long task", assignee="default")
+        assert e.tick().details["spawned"][0]["task_id"] == first
+        spawned.append(queries.get_task(e.db, first)["worker_pid"])
+        second = board.create_task(e.db, "second task", assignee="default")
+
+        result = e.tick()
+
+        assert result.summary.startswith("hermes dispatch --max 2 (1 running on the board, 1 free here)")
+        assert [s["task_id"] for s in result.details["spawned"]] == [second]
+        spawned.append(queries.get_task(e.db, second)["worker_pid"])
+        assert {queries.get_task(e.db, t)["status"] for t in (first, second)} == {"running"}
+        third = board.create_task(e.db, "waits", assignee="default")
+        assert e.tick().summary == "at capacity (2 running)"
+        assert queries.get_task(e.db, third)["status"] == "ready"
+    finally:
+        for pid in spawned:
+            if pid:
+                os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])  # Hermes reads only SQLite boards

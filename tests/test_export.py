@@ -24,10 +24,13 @@ import pytest
 from conftest import NOW, ROOT, make_settings
 from sqlalchemy import insert, select
 
-from sparkops import board, export, phases
+from sparkops.board import phases
+from sparkops.board import transitions as board
 from sparkops.config import mask_url
-from sparkops.errors import StorageError
-from sparkops.export import (
+from sparkops.core.errors import StorageError
+from sparkops.jobs.framework import JobBusy, JobContext, JobLock
+from sparkops.sprint import cells, export
+from sparkops.sprint.export import (
     CSV_FILES,
     EVENT_COLUMNS,
     FILES,
@@ -37,8 +40,7 @@ from sparkops.export import (
     read_csv_rows,
     verify_export,
 )
-from sparkops.jobs import JobBusy, JobContext, JobLock
-from sparkops.schema import ops_events, ops_reports, task_events, task_links, task_runs, tasks
+from sparkops.storage.schema import ops_events, ops_reports, task_events, task_links, task_runs, tasks
 
 DOC = ROOT / "docs" / "export.md"
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -265,14 +267,14 @@ def test_times_are_iso_utc_and_durations_exact_seconds(ctx, sqlite_store, tmp_pa
 
 
 def test_iso_time_edges():
-    assert export.iso_time(None) is None
-    assert export.iso_time(1_795_926_000) == "2026-11-29T04:20:00Z"
-    assert export.iso_time(1_795_926_000.9) == "2026-11-29T04:20:00Z"  # whole seconds, floored
-    assert export.iso_time(253_402_300_799) == "9999-12-31T23:59:59Z"
-    assert export.iso_time(253_402_300_800) == "253402300800"  # past year 9999: the raw number
-    assert export.iso_time("garbage") == "garbage"
+    assert cells.iso_time(None) is None
+    assert cells.iso_time(1_795_926_000) == "2026-11-29T04:20:00Z"
+    assert cells.iso_time(1_795_926_000.9) == "2026-11-29T04:20:00Z"  # whole seconds, floored
+    assert cells.iso_time(253_402_300_799) == "9999-12-31T23:59:59Z"
+    assert cells.iso_time(253_402_300_800) == "253402300800"  # past year 9999: the raw number
+    assert cells.iso_time("garbage") == "garbage"
     values = [None, 0, 59, 86_399, 86_400, 1_795_926_000, -86_401, 10**15, "x", 1.5]
-    assert export._times(values) == [export.iso_time(v) for v in values]
+    assert cells.times(values) == [cells.iso_time(v) for v in values]
 
 
 # -- odd text and formulas --------------------------------------------------------------
@@ -323,11 +325,11 @@ def test_odd_text_round_trips_and_no_cell_can_run_as_a_formula(ctx, sqlite_store
 
 def test_escape_is_reversible():
     for value in [*ODD, "'", "''", "'=", "=", "-", "x'", "\t"]:
-        escaped = export.escape_cell(value)
+        escaped = cells.escape_cell(value)
         assert not escaped.startswith(FORMULA_START)
-        assert export.unescape_cell(escaped) == value
-    assert export.escape_cell(None) is None and export.escape_cell(5) == 5
-    assert export._escaped(["=a", 5, None, "b"]) == ["'=a", 5, None, "b"]  # SQLite may hold a number
+        assert cells.unescape_cell(escaped) == value
+    assert cells.escape_cell(None) is None and cells.escape_cell(5) == 5
+    assert cells.escaped(["=a", 5, None, "b"]) == ["'=a", 5, None, "b"]  # SQLite may hold a number
 
 
 # -- phases -----------------------------------------------------------------------------
@@ -386,7 +388,7 @@ def test_an_empty_board_exports_headers_and_valid_json(ctx, tmp_path):
 
 @pytest.mark.parametrize("failing", FILES)
 def test_a_failed_rename_leaves_the_whole_previous_export_byte_identical(ctx, sqlite_store, tmp_path,
-                                                                        monkeypatch, failing):
+                                                                         monkeypatch, failing):
     build_board(sqlite_store.board)
     export.export(ctx, now=NOW + 1000, metrics={"v": 1})
     out = tmp_path / "exports"
@@ -455,10 +457,10 @@ def test_a_board_that_cannot_be_read_is_a_storage_error_and_changes_nothing(ctx,
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from sparkops import export
+    from sparkops.sprint import export
     from sparkops.config import load_settings
-    from sparkops.jobs import JobContext
-    from sparkops.store import open_store
+    from sparkops.jobs.framework import JobContext
+    from sparkops.storage.store import open_store
 
     name, at = sys.argv[1], int(sys.argv[2])
     real, calls = getattr(os, name), []
@@ -500,7 +502,7 @@ def test_a_process_killed_before_the_renames_leaves_the_previous_export(ctx, sql
 
 
 def test_a_process_killed_between_the_renames_leaves_whole_files_and_a_detectable_mix(ctx, sqlite_store,
-                                                                                   tmp_path):
+                                                                                      tmp_path):
     build_board(sqlite_store.board)
     export.export(ctx, now=NOW + 1000)
     out = tmp_path / "exports"

@@ -13,49 +13,53 @@ import threading
 import time
 
 import pytest
+from conftest import NOW, ROOT, make_settings, run_cli, wait_for
 from sqlalchemy import select, update
 
-from conftest import NOW, ROOT, make_settings, run_cli, wait_for
-from sparkops import board, clock, fleet, jobs, queries, reclaim
-from sparkops.db import Database
-from sparkops.errors import InvalidInput, NotFound
-from sparkops.jobs import JobContext, JobReport, JobSpec
-from sparkops.schema import ops_hosts, tasks
-from sparkops.store import open_store
-
+from sparkops.board import queries, requirements
+from sparkops.board import transitions as board
+from sparkops.core import clock
+from sparkops.core.errors import InvalidInput, NotFound
+from sparkops.engine import reclaim
+from sparkops.jobs import hosts as fleet
+from sparkops.jobs.framework import JobContext, JobReport, JobSpec
+from sparkops.runner import registry
+from sparkops.storage.db import Database
+from sparkops.storage.schema import ops_hosts, tasks
+from sparkops.storage.store import open_store
 
 # -- labels and requirements ---------------------------------------------------------------
 
 
 def test_labels_are_key_value_and_bad_ones_are_named():
-    assert fleet.parse_labels([" gpu=gb10", "zone=lab", "gpu=gb10"]) == ["gpu=gb10", "zone=lab"]
+    assert requirements.parse_labels([" gpu=gb10", "zone=lab", "gpu=gb10"]) == ["gpu=gb10", "zone=lab"]
     for bad in ("gb10", "gpu=", "=gb10", "gpu = gb10", "gpu=gb 10"):
         with pytest.raises(InvalidInput, match=f"label {bad!r} is not key=value"):
-            fleet.parse_label(bad)
+            requirements.parse_label(bad)
 
 
 def test_requirements_exclude_tasks_from_hosts_without_the_labels(store):
     gpu_task = board.create_task(store.board, "needs the GB10", priority=5, now=NOW)
     any_task = board.create_task(store.board, "runs anywhere", now=NOW + 1)
-    assert fleet.require(store.board, store.ops, gpu_task, ["gpu=gb10", "zone=lab"]) == ["gpu=gb10", "zone=lab"]
-    assert fleet.excluded_for(store.ops, []) == {gpu_task}
-    assert fleet.excluded_for(store.ops, ["gpu=gb10"]) == {gpu_task}  # needs both
-    assert fleet.excluded_for(store.ops, ["gpu=gb10", "zone=lab", "x=y"]) == set()
+    assert requirements.require(store.board, store.ops, gpu_task, ["gpu=gb10", "zone=lab"]) == ["gpu=gb10", "zone=lab"]
+    assert requirements.excluded_for(store.ops, []) == {gpu_task}
+    assert requirements.excluded_for(store.ops, ["gpu=gb10"]) == {gpu_task}  # needs both
+    assert requirements.excluded_for(store.ops, ["gpu=gb10", "zone=lab", "x=y"]) == set()
 
     # the plain host passes over the better task and takes the one it may run
     change = board.claim_next(store.board, host="cpu-box", lock="cpu-box:1", capacity=4, now=NOW + 10,
-                              excluded=fleet.excluded_for(store.ops, []))
+                              excluded=requirements.excluded_for(store.ops, []))
     assert change.task_id == any_task
     assert board.claim_next(store.board, host="cpu-box", lock="cpu-box:1", capacity=4, now=NOW + 10,
-                            excluded=fleet.excluded_for(store.ops, [])) is None
+                            excluded=requirements.excluded_for(store.ops, [])) is None
     change = board.claim_next(store.board, host="spark-1", lock="spark-1:1", capacity=4, now=NOW + 11,
-                              excluded=fleet.excluded_for(store.ops, ["gpu=gb10", "zone=lab"]))
+                              excluded=requirements.excluded_for(store.ops, ["gpu=gb10", "zone=lab"]))
     assert change.task_id == gpu_task
 
-    assert fleet.unrequire(store.ops, gpu_task, ["zone=lab"]) == ["gpu=gb10"]
-    assert fleet.unrequire(store.ops, gpu_task) == []
+    assert requirements.unrequire(store.ops, gpu_task, ["zone=lab"]) == ["gpu=gb10"]
+    assert requirements.unrequire(store.ops, gpu_task) == []
     with pytest.raises(NotFound):
-        fleet.require(store.board, store.ops, "t_missing", ["gpu=gb10"])
+        requirements.require(store.board, store.ops, "t_missing", ["gpu=gb10"])
 
 
 def test_cli_require_and_bad_labels_change_nothing(tmp_path):
@@ -154,10 +158,10 @@ def test_a_fleet_job_runs_on_one_host_at_a_time(pg_url, tmp_path):
     try:
         with store.ops.fleet_lock("job:solo") as held:  # another host is running it
             assert held
-            skipped = jobs.run_job(ctx, "solo", specs=specs)
+            skipped = registry.run_job(ctx, "solo", specs=specs)
         assert skipped.ok and not skipped.acted and calls == []
         assert skipped.summary == "another host is running it (one at a time across the fleet)"
-        ran = jobs.run_job(ctx, "solo", specs=specs)
+        ran = registry.run_job(ctx, "solo", specs=specs)
         assert ran.summary == "did it" and calls == [1]
     finally:
         store.dispose()

@@ -1,7 +1,7 @@
 """The GPU adapter, the gpu-sample job and the zombie rule.
 
 NVML is the edge: :class:`FakeNvml` below provides exactly the pynvml functions
-and constants ``sparkops.gpu`` uses. Everything else is real: the processes the
+and constants ``sparkops.watch.gpu`` uses. Everything else is real: the processes the
 fake lists as GPU processes are real children (their command lines, start times
 and sessions are read by psutil, and the zombie rule signals them for real), the
 samples go to a real SQLite file and a real PostgreSQL, ``/proc/meminfo`` is a
@@ -27,16 +27,26 @@ from typing import Any
 import psutil
 import pytest
 from conftest import NOW, ROOT, gone, make_settings, wait_for
-from fake_nvml import GIB, LIBRARY_NOT_FOUND, MIB, NOT_AVAILABLE, NOT_SUPPORTED, Fail, FakeDevice, FakeNvml
 from sqlalchemy import insert, select
 
-from sparkops import gpu
 from sparkops.config import Settings
-from sparkops.errors import ConfigError
-from sparkops.jobs import JobContext, JobSpec, run_job
-from sparkops.schema import ops_gpu_samples
-from sparkops.store import Store
-
+from sparkops.core import procs
+from sparkops.core.errors import ConfigError
+from sparkops.jobs.framework import JobContext, JobSpec
+from sparkops.runner.registry import run_job
+from sparkops.storage.schema import ops_gpu_samples
+from sparkops.storage.store import Store
+from sparkops.watch import gpu, zombie_rule
+from sparkops.watch.nvml_fake import (
+    GIB,
+    LIBRARY_NOT_FOUND,
+    MIB,
+    NOT_AVAILABLE,
+    NOT_SUPPORTED,
+    Fail,
+    FakeDevice,
+    FakeNvml,
+)
 
 
 def meminfo(tmp_path: Path, total_gib: float = 119.7, available_gib: float = 80.0) -> Path:
@@ -151,7 +161,7 @@ def test_discrete_gpu_with_two_processes(spawn, tag: str) -> None:
     assert by_pid[child.pid].used_memory_mb == 30 * 1024
     assert f"trainer-{tag}" in by_pid[child.pid].command_line
     assert by_pid[child.pid].name.startswith("python")
-    assert by_pid[child.pid].start_time == pytest.approx(psutil.Process(child.pid).create_time())
+    assert by_pid[child.pid].start_time == procs.start_of(child.pid)
     assert nvml.inits == nvml.shutdowns == 1
     json.dumps(snap.as_dict())  # JSON-able for the page and the script
 
@@ -331,13 +341,13 @@ def test_kills_the_matching_zombie_and_leaves_the_other(spawn, tag: str, tmp_pat
     settings = zombie_settings(tmp_path, tag)
     nvml = FakeNvml(FakeDevice(compute=listing(zombie.pid, bystander.pid, linger=2)))
 
-    zombies = gpu.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
+    zombies = zombie_rule.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
 
     assert {z.pid: z.killable for z in zombies} == {zombie.pid: True, bystander.pid: False}
     z = next(z for z in zombies if z.pid == zombie.pid)
     assert z.used_memory_mb == 2048 and "more than gpu.zombie_threshold_gb = 1" in z.reason
-    assert "not part of the model server's process tree" in z.reason
-    lines = gpu.explain(zombies)
+    assert "not part of a live model server's process tree" in z.reason
+    lines = zombie_rule.explain(zombies)
     assert any(line.startswith(f"would kill pid {zombie.pid} (") and line.endswith(z.reason)
                for line in lines)
     assert any(line.startswith(f"would leave pid {bystander.pid} alone: not matching gpu.kill_patterns")
@@ -345,9 +355,9 @@ def test_kills_the_matching_zombie_and_leaves_the_other(spawn, tag: str, tmp_pat
     assert running(zombie.pid)  # explain is a dry run
 
     sleeps: list[float] = []
-    report = gpu.kill_zombies(zombies, settings, nvml=nvml,
-                              sleep=lambda s: (sleeps.append(s), time.sleep(min(s, 0.01))),
-                              poll_seconds=0.25)
+    report = zombie_rule.kill_zombies(zombies, settings, nvml=nvml,
+                                      sleep=lambda s: (sleeps.append(s), time.sleep(min(s, 0.01))),
+                                      poll_seconds=0.25)
 
     assert gone(zombie.pid) and running(bystander.pid)
     assert [(k.pid, k.how, k.ended) for k in report.killed] == [(zombie.pid, "ended after SIGTERM", True)]
@@ -368,9 +378,9 @@ def test_sigkill_after_the_grace(spawn, tag: str, tmp_path: Path) -> None:
     wait_for(ready.exists, "the SIGTERM handler")
     settings = zombie_settings(tmp_path, tag, SPARKOPS_GPU_KILL_GRACE_SECONDS="0.3")
     nvml = FakeNvml(FakeDevice(compute=listing(stubborn.pid)))
-    zombies = gpu.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
+    zombies = zombie_rule.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
 
-    report = gpu.kill_zombies(zombies, settings, nvml=nvml)
+    report = zombie_rule.kill_zombies(zombies, settings, nvml=nvml)
 
     assert gone(stubborn.pid)
     assert [(k.how, k.ended) for k in report.killed] == [("SIGKILL after 0.3s", True)]
@@ -378,40 +388,82 @@ def test_sigkill_after_the_grace(spawn, tag: str, tmp_path: Path) -> None:
     assert report.memory_released is True
 
 
-def test_healthy_serving_tree_is_not_a_zombie_until_health_fails(spawn, tag: str, tmp_path: Path) -> None:
-    ready = tmp_path / "engine.pid"
-    server = spawn(f"fake-vllm-serve-{tag}", textwrap.dedent(f"""
-        import pathlib, subprocess, sys, time
+def fake_server(spawn, tag: str, name: str, tmp_path: Path) -> tuple[subprocess.Popen, int, int]:
+    """``fake-vllm-serve-NAME-TAG``: listens on a free loopback port and runs an engine
+    child (``fake-vllm-engine-...``, not matching serving_patterns itself), as vLLM's
+    API server and EngineCore do. Returns the server, its port and the engine's pid."""
+    ready = tmp_path / f"{name}.ready"
+    server = spawn(f"fake-vllm-serve-{name}-{tag}", textwrap.dedent(f"""
+        import json, pathlib, socket, subprocess, sys, time
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
         engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                   "fake-vllm-engine-{tag}"])
-        pathlib.Path({str(ready)!r}).write_text(str(engine.pid))
+                                   "fake-vllm-engine-{name}-{tag}"])
+        pathlib.Path({str(ready)!r}).write_text(json.dumps([sock.getsockname()[1], engine.pid]))
         time.sleep(60)
     """))
-    engine_pid = int(wait_for(lambda: ready.exists() and ready.read_text(), "the engine pid"))
-    wait_for(lambda: f"fake-vllm-engine-{tag}" in cmdline(engine_pid), "the engine to start")
+    port, engine = json.loads(wait_for(lambda: ready.exists() and ready.read_text(), f"{name}'s port"))
+    wait_for(lambda: f"fake-vllm-engine-{name}-{tag}" in cmdline(engine), "the engine to start")
+    return server, port, engine
+
+
+def test_healthy_serving_tree_is_not_a_zombie_until_health_fails(spawn, tag: str, tmp_path: Path) -> None:
+    server, port, engine_pid = fake_server(spawn, tag, "a", tmp_path)
+    settings = zombie_settings(tmp_path, tag, SPARKOPS_GPU_SERVING_PATTERNS=json.dumps([f"fake-vllm-serve-\\S+-{tag}"]))
     # the engine (a child, not matching serving_patterns itself) holds 70 GB
-    settings = zombie_settings(tmp_path, tag)
     nvml = FakeNvml(FakeDevice(compute=listing(engine_pid, used=70 * GIB)))
     snap = gpu.snapshot(nvml)
 
-    assert gpu.find_zombies(snap, settings, serving_healthy=True, health_failures=0) == []
-    assert gpu.find_zombies(snap, settings, serving_healthy=False, health_failures=2) == []
-    zombies = gpu.find_zombies(snap, settings, serving_healthy=False, health_failures=3)
+    assert zombie_rule.find_zombies(snap, settings, serving_healthy=True, health_failures=0, watched_port=port) == []
+    assert zombie_rule.find_zombies(snap, settings, serving_healthy=False, health_failures=2, watched_port=port) == []
+    zombies = zombie_rule.find_zombies(snap, settings, serving_healthy=False, health_failures=3, watched_port=port)
 
     assert [(z.pid, z.killable) for z in zombies] == [(engine_pid, True)]
     assert zombies[0].reason == "model server unhealthy for 3 checks (gpu.health_failures_before_kill = 3)"
-    report = gpu.kill_zombies(zombies, settings, nvml=nvml)
+    report = zombie_rule.kill_zombies(zombies, settings, nvml=nvml)
     assert gone(engine_pid) and running(server.pid) and report.memory_released is True
+
+
+def test_an_unhealthy_watched_server_never_takes_a_healthy_one_on_another_port_with_it(
+        spawn, tag: str, tmp_path: Path) -> None:
+    """Found on this machine: rule (b) killed every vLLM on the host, because the
+    serving tree was any matching command line. Now it is the watched port's tree."""
+    _watched, port, watched_engine = fake_server(spawn, tag, "watched", tmp_path)
+    other, _other_port, other_engine = fake_server(spawn, tag, "other", tmp_path)
+    settings = zombie_settings(tmp_path, tag, SPARKOPS_GPU_SERVING_PATTERNS=json.dumps([f"fake-vllm-serve-\\S+-{tag}"]))
+    nvml = FakeNvml(FakeDevice(compute=listing(watched_engine, other_engine, used=70 * GIB)))
+
+    zombies = zombie_rule.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=False, health_failures=5,
+                                       watched_port=port)
+
+    assert [z.pid for z in zombies] == [watched_engine]
+    zombie_rule.kill_zombies(zombies, settings, nvml=nvml)
+    assert gone(watched_engine) and running(other_engine) and running(other.pid)
+
+
+def test_an_engine_left_by_a_dead_server_is_a_zombie(spawn, tag: str, tmp_path: Path) -> None:
+    """The seed's case: the API server died, its engine (matching the serving
+    patterns, listening nowhere) still holds the GPU. Rule (a) while the server was
+    never seen unhealthy, rule (b) once its checks fail."""
+    debris = spawn(f"fake-vllm-serve-dead-{tag}")  # matches, holds memory, listens nowhere
+    settings = zombie_settings(tmp_path, tag, SPARKOPS_GPU_SERVING_PATTERNS=json.dumps([f"fake-vllm-serve-\\S+-{tag}"]))
+    snap = gpu.snapshot(FakeNvml(FakeDevice(compute=listing(debris.pid, used=70 * GIB))))
+
+    (a,) = zombie_rule.find_zombies(snap, settings, serving_healthy=True, health_failures=0, watched_port=1)
+    assert a.pid == debris.pid and "not part of a live model server's process tree" in a.reason
+    (b,) = zombie_rule.find_zombies(snap, settings, serving_healthy=False, health_failures=3, watched_port=1)
+    assert b.reason.endswith("left by a server that no longer listens")
 
 
 def test_a_reused_pid_is_never_signalled(spawn, tag: str, tmp_path: Path) -> None:
     stranger = spawn(f"fake-vllm-{tag}")
     settings = zombie_settings(tmp_path, tag)
     nvml = FakeNvml(FakeDevice(compute=listing(stranger.pid)))
-    (z,) = gpu.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
+    (z,) = zombie_rule.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
     recorded = dataclasses.replace(z, start_time=z.start_time - 3600)  # the zombie it once was
 
-    report = gpu.kill_zombies([recorded], settings, nvml=nvml)
+    report = zombie_rule.kill_zombies([recorded], settings, nvml=nvml)
 
     assert running(stranger.pid)
     assert report.killed == [] and report.memory_released is None
@@ -422,26 +474,26 @@ def test_a_zombie_that_ended_meanwhile_is_skipped(spawn, tag: str, tmp_path: Pat
     proc = spawn(f"fake-vllm-{tag}")
     settings = zombie_settings(tmp_path, tag)
     nvml = FakeNvml(FakeDevice(compute=listing(proc.pid)))
-    zombies = gpu.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
+    zombies = zombie_rule.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
     proc.kill()
     proc.wait()
-    report = gpu.kill_zombies(zombies, settings, nvml=nvml)
+    report = zombie_rule.kill_zombies(zombies, settings, nvml=nvml)
     assert report.killed == [] and report.skipped[0].why == "it is gone"
 
 
 def test_never_sparkops_itself_its_ancestors_or_its_session(spawn, tag: str, tmp_path: Path) -> None:
     """Even with a kill pattern that matches everything."""
     same_session = spawn(f"fake-vllm-{tag}", new_session=False)
-    settings = zombie_settings(tmp_path, tag, SPARKOPS_GPU_KILL_PATTERNS='[".*"]')
+    settings = zombie_settings(tmp_path, tag, SPARKOPS_GPU_KILL_PATTERNS='["."]')
     nvml = FakeNvml(FakeDevice(compute=listing(os.getpid(), os.getppid(), same_session.pid)))
-    zombies = gpu.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
+    zombies = zombie_rule.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0)
 
     why = {z.pid: z.leave_reason for z in zombies}
     assert not any(z.killable for z in zombies)
     assert why[os.getpid()] == "it is this SparkOps process"
     assert why[os.getppid()] == "it is an ancestor of this SparkOps process"
     assert why[same_session.pid].startswith("it is in SparkOps' own session")
-    report = gpu.kill_zombies(zombies, settings, nvml=nvml)
+    report = zombie_rule.kill_zombies(zombies, settings, nvml=nvml)
     assert report.killed == [] and len(report.skipped) == 3 and running(same_session.pid)
 
 
@@ -451,28 +503,28 @@ def test_small_and_unknown_memory_is_not_a_zombie(spawn, tag: str, tmp_path: Pat
     unknown = FakeNvml(FakeDevice(compute=listing(small.pid, used=None)))
     under = FakeNvml(FakeDevice(compute=listing(small.pid, used=GIB)))  # exactly 1 GB: not more
     for nvml in (unknown, under):
-        assert gpu.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0) == []
+        assert zombie_rule.find_zombies(gpu.snapshot(nvml), settings, serving_healthy=True, health_failures=0) == []
 
 
 def test_memory_that_is_never_released_times_out(spawn, tag: str) -> None:
     """The clock is a parameter: 60 s of waiting in no time."""
     proc = spawn(f"fake-vllm-{tag}")
-    start = psutil.Process(proc.pid).create_time()
+    start = procs.start_of(proc.pid)
     nvml = FakeNvml(FakeDevice(compute=[(proc.pid, 10 * GIB)]))  # listed forever
     clock = [0.0]
-    released, listed, waited, note = gpu.wait_for_memory_release(
+    released, listed, waited, note = zombie_rule.wait_for_memory_release(
         {proc.pid: start}, nvml=nvml, timeout=60, sleep=lambda s: clock.__setitem__(0, clock[0] + s),
         clock=lambda: clock[0], poll_seconds=1)
     assert (released, listed, waited) == (False, [proc.pid], 60)
     assert "not released after 60s" in note
-    released, _, _, note = gpu.wait_for_memory_release({proc.pid: start}, nvml=FakeNvml(init_error=12),
-                                                        timeout=60)
+    released, _, _, note = zombie_rule.wait_for_memory_release({proc.pid: start}, nvml=FakeNvml(init_error=12),
+                                                               timeout=60)
     assert released is None and "cannot tell" in note
 
 
 def test_no_gpu_means_no_zombies(tmp_path: Path) -> None:
     snap = gpu.snapshot(FakeNvml(init_error=LIBRARY_NOT_FOUND))
-    assert gpu.find_zombies(snap, make_settings(tmp_path), serving_healthy=False, health_failures=99) == []
+    assert zombie_rule.find_zombies(snap, make_settings(tmp_path), serving_healthy=False, health_failures=99) == []
 
 
 def test_a_bad_pattern_is_a_config_error_at_start_up(tmp_path: Path) -> None:
@@ -481,8 +533,8 @@ def test_a_bad_pattern_is_a_config_error_at_start_up(tmp_path: Path) -> None:
     # and find_zombies, given patterns some other way, says the same
     snap = gpu.snapshot(FakeNvml(FakeDevice(compute=[(os.getpid(), GIB)])))
     with pytest.raises(ConfigError, match=r"gpu.kill_patterns: 'vllm\(' is not a regular expression"):
-        gpu.find_zombies(snap, {**make_settings(tmp_path).values, "gpu.kill_patterns": ["vllm("]},
-                         serving_healthy=True, health_failures=0)
+        zombie_rule.find_zombies(snap, {**make_settings(tmp_path).values, "gpu.kill_patterns": ["vllm("]},
+                                 serving_healthy=True, health_failures=0)
 
 
 # -- scripts/gpu_check.py --------------------------------------------------------------

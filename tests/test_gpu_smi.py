@@ -1,4 +1,4 @@
-"""Another host's GPUs from nvidia-smi output (``sparkops.gpu_smi``), and the fake
+"""Another host's GPUs from nvidia-smi output (``sparkops.remote.gpu_smi``), and the fake
 ``nvidia-smi`` in ``tests/fixtures/nvidia_smi`` that the SSH tests put on a test
 server's PATH.
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sparkops import gpu, gpu_smi
+from sparkops.remote import gpu_smi
+from sparkops.watch import gpu
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia_smi"
 FAKE = FIXTURES / "nvidia-smi"

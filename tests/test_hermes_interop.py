@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_settings, run_cli
 
-from conftest import IN_CI, ROOT, make_settings, run_cli
-from sparkops import board, queries
-from sparkops.errors import StaleRun, TransitionRefused
-from sparkops.schema import CORE_BOARD_TABLES
-from sparkops.store import Store, open_store
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.core.errors import StaleRun, TransitionRefused
+from sparkops.storage.schema import CORE_BOARD_TABLES
+from sparkops.storage.store import Store, open_store
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_DB = FIXTURES / "hermes_board.db"
@@ -220,7 +221,7 @@ def test_cli_reads_the_hermes_board_like_hermes(hermes_copy: Path, tmp_path: Pat
 
     stats = cli_json("stats", cwd=tmp_path, env=env)
     assert (stats["by_status"], stats["by_assignee"]) == (EXPECTED["stats"]["by_status"],
-                                                           EXPECTED["stats"]["by_assignee"])
+                                                          EXPECTED["stats"]["by_assignee"])
     assert stats["active_runs"] == 1
 
     runs = cli_json("runs", "--limit", "1000", cwd=tmp_path, env=env)
@@ -298,12 +299,6 @@ def test_fixture_file_is_never_modified(hermes_copy: Path, tmp_path: Path):
 # -- live: the real hermes kanban CLI --------------------------------------------------
 
 
-def _find_hermes() -> Path | None:
-    configured = os.environ.get("SPARKOPS_TEST_HERMES")
-    candidate = Path(configured) if configured else ROOT / ".venv-hermes" / "bin" / "hermes"
-    return candidate if candidate.is_file() and os.access(candidate, os.X_OK) else None
-
-
 class Hermes:
     """``hermes kanban`` on one board file, with its home in tmp_path."""
 
@@ -326,19 +321,6 @@ class Hermes:
 
     def create(self, title: str, *args: str) -> str:
         return self.json("create", title, *args)["id"]
-
-
-@pytest.fixture
-def hermes_bin() -> Path:
-    found = _find_hermes()
-    if found is None:
-        where = os.environ.get("SPARKOPS_TEST_HERMES") or ROOT / ".venv-hermes" / "bin" / "hermes"
-        message = (f"hermes not found at {where}; make it with `python3 -m venv .venv-hermes && "
-                   ".venv-hermes/bin/pip install hermes-agent==0.19.0` or set SPARKOPS_TEST_HERMES")
-        if IN_CI:
-            pytest.fail("Hermes is required in CI: " + message)
-        pytest.skip(message)
-    return found
 
 
 def test_hermes_made_board_reads_in_sparkops(hermes_bin: Path, tmp_path: Path):

@@ -15,9 +15,11 @@ import pytest
 from conftest import NOW, ROOT, make_settings, run_cli
 from sqlalchemy import select, update
 
-from sparkops import board
-from sparkops.jobs import JobBusy, JobContext, JobLock, JobReport, JobSpec, lock_dir, registry, run_job
-from sparkops.schema import ops_job_runs, tasks
+from sparkops.board import transitions as board
+from sparkops.jobs.framework import JobBusy, JobContext, JobLock, JobReport, JobSpec, lock_dir
+from sparkops.runner import registry
+from sparkops.runner.registry import run_job
+from sparkops.storage.schema import ops_job_runs, tasks
 
 
 def recorded(store) -> list[dict]:
@@ -79,8 +81,8 @@ def test_a_job_that_raises_is_recorded_with_its_error_and_does_not_raise(ctx, sq
 
 
 def test_the_real_jobs_record_cli_runs_and_skip_idle_ticks(ctx, sqlite_store, tmp_path):
-    assert sorted(registry()) == ["disk", "dispatch", "export", "gpu-sample", "promote", "push", "reclaim",
-                                  "remote-gpu", "review", "tunnel", "watchdog"]
+    assert sorted(registry.all_jobs()) == ["disk", "dispatch", "export", "gpu-sample", "promote", "push", "reclaim",
+                                           "remote-gpu", "review", "tunnel", "watchdog"]
     for name in ("promote", "reclaim", "dispatch"):  # an empty board: nothing to do
         result = run_job(ctx, name, now=NOW, trigger="schedule")
         assert result.ok and not result.acted, (name, result)
@@ -101,7 +103,7 @@ def test_a_scheduled_run_that_acts_is_recorded_with_its_summary(ctx, sqlite_stor
     result = run_job(ctx, "promote", now=NOW + 5, trigger="schedule")
     assert result.acted
     assert [(r["job"], r["trigger"], r["summary"]) for r in recorded(sqlite_store)] == [
-        ("promote", "schedule", f"promoted 1 task(s): {child}")]
+        ("promote", "schedule", f"promoted 1 task: {child}")]
 
 
 # -- the lock ------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def test_a_scheduled_run_that_acts_is_recorded_with_its_summary(ctx, sqlite_stor
 
 HOLDER = """
     import pathlib, sys, time
-    from sparkops.jobs import JobLock
+    from sparkops.jobs.framework import JobLock
     JobLock(pathlib.Path(sys.argv[1])).acquire()
     pathlib.Path(sys.argv[2]).touch()
     time.sleep(120)

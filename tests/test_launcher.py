@@ -9,18 +9,18 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ROOT, http_status, make_settings, run_cli
 
-from conftest import ROOT, make_settings, run_cli
 from sparkops.config import Secrets
-from sparkops.errors import ConfigError
-from sparkops.launcher import app_url, check_ui_binding, is_loopback
-from sparkops.runner import RunnerLock, lock_path
+from sparkops.core import procs
+from sparkops.core.errors import ConfigError
+from sparkops.engine import workers
+from sparkops.runner.launcher import app_url, check_ui_binding, is_loopback
+from sparkops.runner.loop import RunnerLock, lock_path
 
 
 def free_port() -> int:
@@ -40,16 +40,6 @@ def up_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
         **extra,
     })
     return env
-
-
-def http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
 
 
 def output(tmp_path: Path) -> str:
@@ -98,17 +88,26 @@ def wait_until_healthy(proc: subprocess.Popen, port: int, tmp_path: Path, timeou
     pytest.fail(f"the app did not answer on port {port} within {timeout}s:\n{output(tmp_path)}")
 
 
+def stop_agents_left(tmp_path: Path) -> None:
+    """The agents an ``up`` left to finish (by design) are the test's to end."""
+    for worker in workers.live(tmp_path / "data" / "workers"):
+        procs.terminate_group(worker.identity.agent, grace=2)
+        procs.terminate_group(worker.identity.shim, grace=2)
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_up_starts_runner_and_app_and_a_signal_stops_both(start_up, tmp_path, stop_signal):
     port = free_port()
-    proc = start_up("--demo", port=port)
+    proc = start_up("--demo", "--port", str(port), port=free_port())  # --port wins over ui.port
     wait_until_healthy(proc, port, tmp_path)
 
     children = psutil.Process(proc.pid).children()
     commands = sorted(" ".join(c.cmdline()) for c in children)
-    assert len(children) == 2, commands
-    assert any(str(ROOT / "jobs_runner.py") in c for c in commands)
-    assert any("-m streamlit run" in c and str(ROOT / "Home.py") in c
+    assert len(children) == 4, commands  # the runner, the app, and the demo's vLLM and planner
+    assert any(c.endswith("-m sparkops.runner") for c in commands)
+    assert any("-m sparkops demo-vllm --port " in c for c in commands)
+    assert any("-m sparkops demo-planner" in c for c in commands)
+    assert any("-m streamlit run" in c and str(ROOT / "sparkops" / "app" / "Home.py") in c
                and f"--server.address 127.0.0.1 --server.port {port}" in c for c in commands)
     assert http_status(f"http://127.0.0.1:{port}/") == 200
     runner_log = tmp_path / "logs" / "runner.log"
@@ -116,29 +115,63 @@ def test_up_starts_runner_and_app_and_a_signal_stops_both(start_up, tmp_path, st
     while "jobs runner started" not in (runner_log.read_text() if runner_log.exists() else ""):
         assert time.monotonic() < deadline, "the runner never logged its start"
         time.sleep(0.05)
-
-    proc.send_signal(stop_signal)
-    assert proc.wait(timeout=30) == 0, output(tmp_path)
-    gone, alive = psutil.wait_procs(children, timeout=5)
-    assert alive == []
-    assert not any(psutil.pid_exists(c.pid) for c in children)
-    assert http_status(f"http://127.0.0.1:{port}/_stcore/health") is None
+    # "up" is said once the app answers, not before
+    deadline = time.monotonic() + 30
+    while "SparkOps is up" not in output(tmp_path):
+        assert time.monotonic() < deadline, output(tmp_path)
+        time.sleep(0.05)
     text = output(tmp_path)
-    assert f"http://127.0.0.1:{port}" in text
-    assert "Added 10 demo tasks" in text
-    assert "jobs runner stopped (SIGTERM)" in runner_log.read_text()
+    assert text.index("Starting the jobs runner") < text.index("SparkOps is up")
+    # a demo agent at work when the operator stops: it is left to finish, and said so
+    deadline = time.monotonic() + 60
+    while not [w for w in workers.live(tmp_path / "data" / "workers") if w.agent_alive]:
+        assert time.monotonic() < deadline, "no demo agent started"
+        time.sleep(0.1)
+
+    try:
+        proc.send_signal(stop_signal)
+        assert proc.wait(timeout=30) == 0, output(tmp_path)
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert alive == []
+        assert not any(psutil.pid_exists(c.pid) for c in children)
+        assert http_status(f"http://127.0.0.1:{port}/_stcore/health") is None
+        text = output(tmp_path)
+        assert f"http://127.0.0.1:{port}" in text
+        assert "Added 10 demo tasks" in text
+        assert "jobs runner stopped (SIGTERM)" in runner_log.read_text()
+        assert "agent(s) still work and are left to finish: t_" in text, text
+    finally:
+        stop_agents_left(tmp_path)
+
+
+def test_up_refuses_to_start_beside_another_runner_or_on_a_busy_port(start_up, tmp_path):
+    """Checked before anything starts: one message, a non-zero exit, no app, no runner."""
+    port = free_port()
+    with RunnerLock(lock_path(make_settings(tmp_path))):
+        proc = start_up(port=port)
+        assert proc.wait(timeout=60) == 1  # refused
+    assert f"another jobs runner is already running (pid {os.getpid()}" in output(tmp_path)
+    assert "SparkOps is up" not in output(tmp_path) and streamlit_on(port) == []
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        proc = start_up(port=taken)
+        assert proc.wait(timeout=60) == 2  # a setting to change
+    text = output(tmp_path)
+    assert f"ui.port {taken} on 127.0.0.1 is in use by another program" in text
+    assert f"`sparkops up --port {taken + 1}`" in text and streamlit_on(taken) == []
 
 
 def test_up_stops_the_app_when_the_runner_dies(start_up, tmp_path):
     port = free_port()
-    # Another runner holds the lock: the launcher's runner exits 1 at once.
-    with RunnerLock(lock_path(make_settings(tmp_path))):
-        proc = start_up(port=port)
-        code = proc.wait(timeout=60)
-    assert code == 1
-    text = output(tmp_path)
-    assert "another jobs runner is already running" in text
-    assert "the jobs runner exited with code 1; stopping the web app" in text
+    proc = start_up(port=port)
+    wait_until_healthy(proc, port, tmp_path)
+    [runner] = [c for c in psutil.Process(proc.pid).children() if c.cmdline()[-2:] == ["-m", "sparkops.runner"]]
+    runner.kill()
+    assert proc.wait(timeout=60) == 1
+    assert "the jobs runner was killed by SIGKILL; stopping the web app" in output(tmp_path)
     assert streamlit_on(port) == []
 
 

@@ -1,7 +1,7 @@
 """Sprint metrics on hand-built boards whose answers are worked out by hand below.
 
 Rows are inserted with SQLAlchemy Core so every timestamp is exact; one board is
-made through ``sparkops.board``; the Hermes-made board is read from a copy.
+made through ``sparkops.board.transitions``; the Hermes-made board is read from a copy.
 """
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import NOW, make_settings
 from sqlalchemy import insert
 
-from conftest import NOW, make_settings
-from sparkops import board, metrics
-from sparkops.board import Outcome
-from sparkops.db import Database
-from sparkops.errors import InvalidInput
-from sparkops.schema import task_events, task_runs, tasks
-from sparkops.store import open_store
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.board.model import Outcome
+from sparkops.core import formatting
+from sparkops.core.errors import InvalidInput
+from sparkops.sprint import measure, metrics
+from sparkops.storage.db import Database
+from sparkops.storage.schema import task_events, task_runs, tasks
+from sparkops.storage.store import open_store
 
 HOUR, DAY = 3600, 86400
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -71,7 +74,7 @@ def db(sqlite_store) -> Database:
 def compute(db: Database, **kwargs: Any) -> metrics.Metrics:
     kwargs.setdefault("now", NOW)
     kwargs.setdefault("window_hours", 24)
-    return metrics.compute(db, **kwargs)
+    return measure.compute(db, **kwargs)
 
 
 # -- the empty board ---------------------------------------------------------------------
@@ -99,7 +102,7 @@ def test_empty_board_has_every_metric_and_no_numbers(db):
     assert m.blocked.empty and m.blocked_count == 0
     assert list(m.blocked.columns) == ["id", "title", "age_seconds", "since", "reason"]
     assert m.oldest_ready is None
-    assert len(m.burnup) == 2 and m.burnup[["done", "scope"]].sum().sum() == 0
+    assert len(m.burnup) == 25 and m.burnup[["done", "scope"]].sum().sum() == 0  # hourly on a day
     assert m.phases is not None and m.phases.empty
     assert not m.stuck.any
     assert m.stuck.ready_idle["latest_start"] is None
@@ -149,22 +152,23 @@ def test_only_blocked_tasks(blocked_board):
     assert m.blocked_count == 5
     assert m.blocked.to_dict("records") == [
         {"id": "a", "title": "needs a key", "age_seconds": 5000,
-         "since": metrics.iso_utc(NOW - 5000), "reason": "needs API key"},
+         "since": formatting.iso_utc(NOW - 5000), "reason": "needs API key"},
         {"id": "e", "title": "task e", "age_seconds": 4000,
-         "since": metrics.iso_utc(NOW - 4000), "reason": "second"},
+         "since": formatting.iso_utc(NOW - 4000), "reason": "second"},
         {"id": "b", "title": "task b", "age_seconds": 3000,
-         "since": metrics.iso_utc(NOW - 3000), "reason": "crash: segfault"},
+         "since": formatting.iso_utc(NOW - 3000), "reason": "crash: segfault"},
         {"id": "c", "title": "task c", "age_seconds": 2000,
-         "since": metrics.iso_utc(NOW - 2000), "reason": "timed out after 60s"},
+         "since": formatting.iso_utc(NOW - 2000), "reason": "timed out after 60s"},
         {"id": "d", "title": "task d", "age_seconds": 1000,
-         "since": metrics.iso_utc(NOW - 1000), "reason": None},
+         "since": formatting.iso_utc(NOW - 1000), "reason": None},
     ]
     assert m.counts["by_status"] == {"blocked": 5} and m.counts["open"] == 5
     assert m.throughput.completed == 0 and m.throughput.per_hour == 0.0
     assert m.lead_time.median is None and m.cycle_time.p90 is None
     # ETA: 5 open tasks and no throughput -> None
     assert m.phases.to_dict("records") == [
-        {"phase": "P1", "tasks": 5, "done": 0, "open": 5, "eta_hours": None, "eta": None}]
+        {"phase": "P1", "tasks": 5, "done": 0, "open": 5, "blocked": 5, "eta_hours": None, "eta": None,
+         "eta_basis": "all 5 open blocked on a person"}]  # waiting for people, not for agents
     # stuck: no ready work; b ran 3 times > 2; nothing ever completed since the first
     # task was created at NOW-20000 > 4 h
     assert not m.stuck.ready_idle["active"]
@@ -178,8 +182,16 @@ def test_only_blocked_tasks(blocked_board):
     lines = "\n".join(m.summary_lines())
     assert "Blocked: 5 tasks, oldest a" in lines and "no ETA" in lines
     assert "run more than 2 times: b (3)" in lines
+    # waiting on a person: a (5000 s) and e (4000 s) are blocked for more than an hour
+    waiting = m.stuck.waiting_on_person
+    assert (waiting["active"], waiting["count"], waiting["threshold_seconds"]) == (True, 2, 3600)
+    assert waiting["oldest"] == {"id": "a", "title": "needs a key", "age_seconds": 5000, "reason": "needs API key"}
+    assert ("Stuck: 2 blocked tasks waiting on a person for more than 1.0 h; the oldest, a (needs a key), "
+            "for 1.4 h: needs API key.") in m.risk_lines()
+    assert not compute(blocked_board, stuck_blocked_minutes=90).stuck.waiting_on_person["active"]
+    assert m.as_dict()["stuck"]["waiting_on_person"]["count"] == 2
     assert m.risk_lines() == [line for line in m.summary_lines() if line.startswith("Stuck:")]
-    assert len(m.risk_lines()) == 2 and not any("Stuck" in x for x in m.summary_lines(risks=False))
+    assert len(m.risk_lines()) == 3 and not any("Stuck" in x for x in m.summary_lines(risks=False))
     # the list is capped, the count is not
     capped = compute(blocked_board, list_limit=2)
     assert list(capped.blocked["id"]) == ["a", "e"] and capped.blocked_count == 5
@@ -332,7 +344,7 @@ def test_throughput_buckets_are_utc_hours_across_dst(db, monkeypatch, tz, change
     hourly = m.throughput.hourly
     hour0 = at - 2 * HOUR
     assert list(hourly["start"]) == [hour0 + i * HOUR for i in range(5)]
-    assert list(hourly["bucket"]) == [metrics.iso_utc(hour0 + i * HOUR) for i in range(5)]
+    assert list(hourly["bucket"]) == [formatting.iso_utc(hour0 + i * HOUR) for i in range(5)]
     assert hourly["bucket"].iloc[2] == change.replace(" ", "T") + "Z"
     # the window is at-5400 .. at+9000: at-3601 falls in hour at-2h, at-1 in at-1h,
     # at and at+1800 in hour at, at+3600 and at+7199 in at+1h
@@ -378,23 +390,36 @@ def test_burnup_done_versus_scope(db):
     add_task(db, "d", "ready", d + 200)
     add_task(db, "e", "ready", now + 1)  # after now
     add_task(db, "f", "todo", d - 3 * DAY)
-    m = compute(db, now=now, window_hours=48)  # from d - 1.5 days: days d-2, d-1, d
+    m = compute(db, now=now, window_hours=72)  # from d - 2.5 days: days d-3 to d
     assert m.burnup.to_dict("records") == [
-        {"bucket": metrics.iso_utc(d - 2 * DAY), "start": d - 2 * DAY, "done": 1, "scope": 2},
-        {"bucket": metrics.iso_utc(d - DAY), "start": d - DAY, "done": 1, "scope": 3},
-        {"bucket": metrics.iso_utc(d), "start": d, "done": 2, "scope": 4},
+        {"bucket": formatting.iso_utc(d - 3 * DAY), "start": d - 3 * DAY, "done": 0, "scope": 2},
+        {"bucket": formatting.iso_utc(d - 2 * DAY), "start": d - 2 * DAY, "done": 1, "scope": 2},
+        {"bucket": formatting.iso_utc(d - DAY), "start": d - DAY, "done": 1, "scope": 3},
+        {"bucket": formatting.iso_utc(d), "start": d, "done": 2, "scope": 4},
     ]
+    # up to two days the burn-up is hourly, so a day's sprint is more than two points
+    hourly = compute(db, now=now, window_hours=24).burnup
+    assert len(hourly) == 25 and set(hourly["start"].diff().dropna()) == {HOUR}
+    assert hourly.iloc[0][["done", "scope"]].tolist() == [1, 3]  # at d - 12 h: a done; a, c, f in scope
+    assert hourly.iloc[-1][["done", "scope"]].tolist() == [2, 4]
+    assert hourly[hourly["start"] == d]["done"].item() == 2  # c, completed at d + 100
 
 
 # -- ETA per phase -----------------------------------------------------------------------
 
 
 def test_eta_per_phase(db):
+    """A phase's ETA rests on its own recent completions, else on the board's; its
+    blocked tasks wait for a person and are not estimated."""
     base = NOW - 10 * HOUR
-    for i in range(4):  # 4 completions in the phases, 2 outside: 6 in 24 h = 0.25/h
+    for i in range(4):  # 2 completions in P1, 2 in P2 (too few for a pace of its own)
         add_task(db, f"p1_{i}" if i < 2 else f"p2_done{i}", "done", base, completed=base + i)
     add_task(db, "free1", "done", base, completed=base + 10)
     add_task(db, "free2", "done", base, completed=base + 11)
+    for i, ago in enumerate((2 * HOUR, HOUR, HOUR // 2)):  # P3: 3 completions in the last 2 h
+        add_task(db, f"p3_done{i}", "done", base, completed=NOW - ago)
+    for i in range(3):
+        add_task(db, f"p3_open{i}", "ready", base)
     add_task(db, "p2_ready", "ready", base)
     add_task(db, "p2_todo", "todo", base)
     add_task(db, "p2_blocked", "blocked", base)
@@ -403,17 +428,48 @@ def test_eta_per_phase(db):
     add_task(db, "unphased", "ready", base)
     phase_of = {"p1_0": "P1", "p1_1": "P1", "p2_done2": "P2", "p2_done3": "P2",
                 "p2_ready": "P2", "p2_todo": "P2", "p2_blocked": "P2", "p2_gone": "P2",
-                "p10_run": "P10", "not_on_board": "P3"}
+                "p10_run": "P10", "not_on_board": "P4",
+                **{f"p3_{kind}{i}": "P3" for kind in ("done", "open") for i in range(3)}}
     m = compute(db, phase_of=phase_of)
-    assert m.throughput.per_hour == pytest.approx(0.25)
+    board_pace = 9 / 10  # the board's last 9 completions over the 10 h since the first of them
     assert m.phases.to_dict("records") == [
-        {"phase": "P1", "tasks": 2, "done": 2, "open": 0, "eta_hours": 0.0, "eta": metrics.iso_utc(NOW)},
-        {"phase": "P2", "tasks": 5, "done": 2, "open": 3, "eta_hours": pytest.approx(12.0),
-         "eta": metrics.iso_utc(NOW + 12 * HOUR)},
-        {"phase": "P10", "tasks": 1, "done": 0, "open": 1, "eta_hours": pytest.approx(4.0),
-         "eta": metrics.iso_utc(NOW + 4 * HOUR)},
+        {"phase": "P1", "tasks": 2, "done": 2, "open": 0, "blocked": 0, "eta_hours": 0.0,
+         "eta": formatting.iso_utc(NOW), "eta_basis": "done"},
+        {"phase": "P2", "tasks": 5, "done": 2, "open": 3, "blocked": 1, "eta_hours": pytest.approx(2 / board_pace),
+         "eta": formatting.iso_utc(NOW + round(2 / board_pace * HOUR)),
+         "eta_basis": "from the board's last 9 completions; 1 blocked not counted"},
+        {"phase": "P3", "tasks": 6, "done": 3, "open": 3, "blocked": 0, "eta_hours": pytest.approx(2.0),
+         "eta": formatting.iso_utc(NOW + 2 * HOUR), "eta_basis": "from the last 3 completions of P3"},
+        {"phase": "P10", "tasks": 1, "done": 0, "open": 1, "blocked": 0, "eta_hours": pytest.approx(1 / board_pace),
+         "eta": formatting.iso_utc(NOW + round(1 / board_pace * HOUR)),
+         "eta_basis": "from the board's last 9 completions"},
     ]
-    assert "P2: 3 open, ETA 12.0 h" in "\n".join(m.summary_lines())
+    assert "P3: 3 open, ETA 2.0 h" in "\n".join(m.summary_lines())
+    # a phase that stalls: an hour later with nothing done, its pace falls and its ETA grows
+    later = compute(db, now=NOW + HOUR, phase_of=phase_of).phases.set_index("phase")
+    assert later.loc["P3", "eta_hours"] == pytest.approx(3.0)  # 3 completions in 3 h
+
+
+def test_ready_wait_counts_from_when_the_task_became_ready(db):
+    """A task created a day ago and promoted a minute ago has waited a minute."""
+    add_task(db, "old_promoted", "ready", NOW - DAY)
+    add_event(db, "old_promoted", "created", NOW - DAY, {"status": "todo"})
+    add_event(db, "old_promoted", "promoted", NOW - 60)
+    add_task(db, "retried", "ready", NOW - 2 * DAY)
+    add_event(db, "retried", "crashed", NOW - 600, {"error": "boom"})  # back to ready after a crash
+    add_event(db, "retried", "commented", NOW - 10, {"author": "x"})  # not a move to ready
+    m = compute(db)
+    assert m.oldest_ready == {"id": "retried", "title": "task retried", "ready_since": NOW - 600,
+                              "age_seconds": 600}
+    assert "Oldest ready task: retried, waiting 10 min." in m.summary_lines()
+    with db.read() as conn:
+        assert queries.longest_ready_wait(conn, NOW)["wait_seconds"] == 600
+
+
+def test_plurals():
+    assert [formatting.plural(n, "run") for n in (0, 1, 2)] == ["0 runs", "1 run", "2 runs"]
+    assert formatting.plural(1, "retry", "retries") == "1 retry"
+    assert formatting.plural(3, "retry", "retries") == "3 retries"
 
 
 # -- the Hermes-made board ---------------------------------------------------------------
@@ -430,7 +486,7 @@ def test_hermes_board(tmp_path):
     try:
         names = expected["names"]
         now = expected["stats"]["oldest_ready_created_at"] + DAY
-        m = metrics.compute(store.board, now=now, window_hours=48,
+        m = measure.compute(store.board, now=now, window_hours=48,
                             phase_of={tid: "all" for tid in names.values()})
         json.dumps(m.as_dict())
         assert m.summary_lines()
@@ -439,7 +495,10 @@ def test_hermes_board(tmp_path):
     assert m.counts["by_status"] == expected["stats"]["by_status"]
     assert m.counts["by_assignee"] == expected["stats"]["by_assignee"]
     assert m.counts["archived"] == 1 and m.counts["active_runs"] == 1
-    assert m.oldest_ready["created_at"] == expected["stats"]["oldest_ready_created_at"]
+    # ready from its latest event that made it so (Hermes wrote it a second after the creation)
+    created = expected["stats"]["oldest_ready_created_at"]
+    assert created <= m.oldest_ready["ready_since"] <= created + 60
+    assert m.oldest_ready["age_seconds"] == now - m.oldest_ready["ready_since"]
     assert m.throughput.completed == 2 and m.lead_time.count == 2
     flaky = expected["tasks"][names["flaky"]]
     assert list(m.blocked["id"]) == [names["flaky"]]
@@ -472,11 +531,11 @@ def build_mixed_board(db: Database) -> None:
 def test_same_answers_on_sqlite_and_postgresql(store, tmp_path):
     build_mixed_board(store.board)
     phase_of = {"m1": "1", "m2": "1", "m3": "2", "m4": "2", "m5": "2"}
-    got = metrics.compute(store.board, now=NOW, window_hours=24, phase_of=phase_of).as_dict()
+    got = measure.compute(store.board, now=NOW, window_hours=24, phase_of=phase_of).as_dict()
     ref_store = open_store(make_settings(tmp_path / "ref"), create=True, now=NOW)
     try:
         build_mixed_board(ref_store.board)
-        ref = metrics.compute(ref_store.board, now=NOW, window_hours=24, phase_of=phase_of).as_dict()
+        ref = measure.compute(ref_store.board, now=NOW, window_hours=24, phase_of=phase_of).as_dict()
     finally:
         ref_store.dispose()
     assert got == ref
@@ -490,15 +549,17 @@ def test_same_answers_on_sqlite_and_postgresql(store, tmp_path):
     assert got["runs"]["runs"] == 7 and got["runs"]["retries"] == 4  # m1's second, m3's last 3
     assert got["outcomes"]["failures"] == 4 and got["outcomes"]["ended"] == 6
     assert got["blocked"] == [{"id": "m3", "title": "task m3", "age_seconds": 4500,
-                               "since": metrics.iso_utc(NOW - 4500), "reason": "crash: oom"}]
+                               "since": formatting.iso_utc(NOW - 4500), "reason": "crash: oom"}]
     assert got["oldest_ready"]["id"] == "m4" and got["oldest_ready"]["age_seconds"] == 4000
     assert got["stuck"]["over_max_runs"]["tasks"] == [
         {"id": "m3", "title": "task m3", "status": "blocked", "runs": 4}]
-    assert got["phases"][1]["open"] == 3 and got["phases"][1]["eta_hours"] == pytest.approx(36.0)
+    assert got["phases"][1] == {"phase": "2", "tasks": 3, "done": 0, "open": 3, "blocked": 1, "eta_hours": None,
+                                "eta": None, "eta_basis": "not enough completions yet"}  # 2 on the board
 
 
 def test_options_from_settings(tmp_path):
     settings = make_settings(tmp_path, SPARKOPS_REVIEW_WINDOW_HOURS="12", SPARKOPS_REVIEW_MAX_RERUNS="5")
-    opts = metrics.options_from(settings)
+    opts = measure.options_from(settings)
     assert opts["window_hours"] == 12.0 and opts["max_reruns"] == 5
     assert opts["stuck_ready_minutes"] == 30.0 and opts["no_completion_hours"] == 4.0
+    assert opts["stuck_blocked_minutes"] == 60.0

@@ -9,13 +9,17 @@ import json
 import sqlite3
 
 import pytest
+from conftest import NOW, make_settings, run_cli
 from sqlalchemy import text
 
-from conftest import NOW, make_settings, run_cli
-from sparkops import actions, board, jobs, migrate, queries
-from sparkops.db import Database
-from sparkops.errors import StorageError
-from sparkops.store import open_store
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.control import actions
+from sparkops.core.errors import StorageError
+from sparkops.jobs import framework as jobs
+from sparkops.storage import migrate
+from sparkops.storage.db import Database
+from sparkops.storage.store import open_store
 
 
 def busy_board(tmp_path):
@@ -118,7 +122,7 @@ def test_cli_copies_between_sqlite_files_and_reports_json(tmp_path):
     report = json.loads(result.stdout)
     assert report["rows"] == sum(t["rows"] for t in report["tables"]) > 10
     listed = run_cli("task", "list", "--json", cwd=tmp_path, env={"SPARKOPS_STORAGE_BOARD_URL": target,
-                                                                   "SPARKOPS_STORAGE_OPS_URL": ops_target})
+                                                                  "SPARKOPS_STORAGE_OPS_URL": ops_target})
     original = run_cli("task", "list", "--json", cwd=tmp_path, env=env)
     assert json.loads(listed.stdout) == json.loads(original.stdout)
 

@@ -9,9 +9,10 @@ import pytest
 from conftest import NOW
 from sqlalchemy import func, select
 
-from sparkops import board, phases, queries
-from sparkops.errors import InvalidInput, NotFound
-from sparkops.schema import ops_events, ops_phase_boundaries
+from sparkops.board import phases, queries
+from sparkops.board import transitions as board
+from sparkops.core.errors import InvalidInput, NotFound
+from sparkops.storage.schema import ops_events, ops_phase_boundaries
 
 PATTERNS = [r"\[P(\d+)\]", r"(?i)\bphase\s*(\d+)\s*:"]
 
@@ -81,13 +82,13 @@ def test_a_boundary_is_recorded_once_with_the_moment_the_last_task_finished(stor
 
 
 def _race(board_url: str, ops_url: str, barrier, results) -> None:
-    from sparkops.db import Database
+    from sparkops.storage.db import Database
 
     board_db, ops = Database(board_url, role="board"), Database(ops_url, role="ops")
     mapping = phases.resolve(board_db, ops, PATTERNS)
     barrier.wait(timeout=60)
     results.put([b.phase for b in phases.record_boundaries(board_db, ops, mapping, promote_next=True,
-                                                            now=NOW + 500)])
+                                                           now=NOW + 500)])
     board_db.dispose()
     ops.dispose()
 

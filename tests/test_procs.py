@@ -17,8 +17,8 @@ import psutil
 import pytest
 from conftest import wait_for
 
-from sparkops import procs
-from sparkops.procs import Proc, RunIdentity
+from sparkops.core import procs
+from sparkops.core.procs import Proc, RunIdentity
 
 
 def running(pid: int) -> bool:
@@ -111,7 +111,7 @@ STUBBORN_CHILD = """
 def test_describe_and_is_alive_on_a_real_child(spawn):
     child = spawn(SLEEPER)
     me = procs.describe(child.pid)
-    assert me == Proc(pid=child.pid, start=psutil.Process(child.pid).create_time(), pgid=child.pid)
+    assert me == Proc(pid=child.pid, start=procs.start_of(child.pid), pgid=child.pid, sid=child.pid)
     assert procs.is_alive(me)
     assert procs.describe(child.pid) == me  # a second reading agrees (within the tolerance)
 
@@ -119,6 +119,36 @@ def test_describe_and_is_alive_on_a_real_child(spawn):
     child.wait()
     assert not procs.is_alive(me)
     assert procs.describe(child.pid) is None
+
+
+def test_the_start_time_counts_from_boot_not_from_the_wall_clock(spawn, tmp_path):
+    """The start time is the kernel's, in ticks after boot: a step of the wall clock
+    (which moves psutil's create_time with it) does not make a live worker look like
+    a stranger. A name with spaces and parentheses does not confuse the reading."""
+    odd = tmp_path / "a) (b c"
+    odd.symlink_to(sys.executable)
+    child = subprocess.Popen([str(odd), "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        wait_for(lambda: psutil.Process(child.pid).name() == "a) (b c", "the odd name")
+        since_boot = psutil.Process(child.pid).create_time() - psutil.boot_time()
+        assert procs.start_of(child.pid) == pytest.approx(since_boot, abs=1.0)  # boot time is whole seconds
+        assert procs.is_alive(procs.describe(child.pid))
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(psutil.NoSuchProcess):
+        procs.start_of(child.pid)
+
+
+def test_a_record_from_before_holds_the_epoch_start_and_still_matches(spawn):
+    """Records written before start times counted from boot hold psutil's
+    create_time: the worker they name is still recognised, a stranger still not."""
+    child = spawn(SLEEPER)
+    now = procs.describe(child.pid)
+    before = Proc(pid=child.pid, start=psutil.Process(child.pid).create_time(), pgid=now.pgid, sid=now.sid)
+    assert before.start > procs.EPOCH_START
+    assert procs.is_alive(before) and procs.group_alive(before)
+    assert not procs.is_alive(Proc(pid=child.pid, start=before.start - 5, pgid=now.pgid, sid=now.sid))
 
 
 def test_a_zombie_counts_as_dead_and_its_group_as_empty(spawn):
@@ -276,3 +306,18 @@ def test_boot_id_and_exit_descriptions():
     assert procs.exit_description(-signal.SIGKILL) == "killed by SIGKILL"
     assert procs.exit_description(3) == "exit 3"
     assert procs.exit_description(-200) == "killed by signal 200"
+
+
+def test_a_childs_output_log_rotates_past_its_size(tmp_path):
+    log = tmp_path / "vllm.log"
+    for n in range(5):
+        log.write_bytes(b"x" * 100 + str(n).encode())
+        procs.rotate_log(log, max_bytes=50, backups=2)
+    assert not log.exists()  # rotated away; the next restart writes a fresh one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vllm.log.1", "vllm.log.2"]
+    assert (tmp_path / "vllm.log.1").read_bytes().endswith(b"4")
+    assert (tmp_path / "vllm.log.2").read_bytes().endswith(b"3")
+    small = tmp_path / "small.log"
+    small.write_bytes(b"y")
+    procs.rotate_log(small, max_bytes=50, backups=2)
+    assert small.read_bytes() == b"y"

@@ -8,11 +8,15 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import NOW, make_settings, remote_env, run_cli
-from sparkops import board, export, push, remote
-from sparkops.jobs import JobContext, run_job
-from sparkops.store import open_store
+
+from sparkops.board import transitions as board
+from sparkops.jobs.framework import JobContext
+from sparkops.remote import push
+from sparkops.remote import ssh as remote
+from sparkops.runner.registry import run_job
+from sparkops.sprint import export
+from sparkops.storage.store import open_store
 
 
 def digest(path: Path) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import NOW
-from sparkops import board, queries
-from sparkops.errors import InvalidInput
+
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.core.errors import InvalidInput
 
 
 @pytest.fixture

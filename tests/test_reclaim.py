@@ -2,7 +2,7 @@
 engine's failure scenarios on real processes and a real SQLite board.
 
 The scenarios run the real dispatch job, which starts the real worker shim
-(``python -m sparkops.shim``) in its own session, which starts the agent from
+(``python -m sparkops.engine.shim``) in its own session, which starts the agent from
 ``SPARKOPS_DISPATCH_AGENT_ARGV`` (the small script :data:`AGENT`) in its own
 process group. Processes are killed, stopped and resumed with real signals;
 time that only the reclaimer's arithmetic needs is passed as ``now=``.
@@ -29,15 +29,19 @@ import pytest
 from conftest import NOW, ROOT, make_settings, run_cli, wait_for
 from sqlalchemy import select, update
 
-from sparkops import board, procs, queries, reclaim
-from sparkops.board import Outcome
+from sparkops.board import model, queries, runs
+from sparkops.board import transitions as board
+from sparkops.board.model import Outcome
 from sparkops.config import Settings
-from sparkops.dispatch import ShimTracker, retry_policy
-from sparkops.jobs import JobContext, JobRun, run_job
-from sparkops.procs import Proc, RunIdentity
-from sparkops.reclaim import TIMEOUT_MARGIN_SECONDS, Verdict
-from sparkops.schema import ops_hosts, task_events, task_runs, tasks
-from sparkops.store import Store, open_store
+from sparkops.core import procs
+from sparkops.core.procs import Proc, RunIdentity
+from sparkops.engine import reclaim
+from sparkops.engine.dispatch import ShimTracker, retry_policy
+from sparkops.engine.reclaim import TIMEOUT_MARGIN_SECONDS, Verdict
+from sparkops.jobs.framework import JobContext, JobRun
+from sparkops.runner.registry import run_job
+from sparkops.storage.schema import ops_hosts, task_events, task_runs, tasks
+from sparkops.storage.store import Store, open_store
 
 #: What closes a run, as task_events kinds.
 CLOSING_EVENTS = {"completed", "blocked", "dependency_wait", "block_loop_detected", "reclaimed",
@@ -248,7 +252,8 @@ def assert_consistent(db) -> None:
             assert closing == [], run
         else:
             assert run.outcome is not None and len(closing) == 1, (run, closing)
-            assert closing[0].kind == ("blocked" if run.outcome == "blocked" else run.outcome)
+            violation = model.is_protocol_violation(run.outcome, run.error, run.metadata)
+            assert closing[0].kind == ("protocol_violation" if violation else run.outcome)
 
 
 def no_process_left(*recorded: Proc | None) -> bool:
@@ -308,10 +313,10 @@ def with_identity(ctx: JobContext, task_id: str, run_id: int, *, shim: Proc | No
                   host: str | None = None, boot: str | None = None, at: int = NOW) -> None:
     host = host or ctx.host
     identity = RunIdentity(host, boot or procs.boot_id(), shim=shim, agent=agent)
-    board.record_process(ctx.store.board, task_id, run_id=run_id,
-                         claim_lock=f"{host}:{shim.pid if shim else 1}",
-                         worker_pid=agent.pid if agent else None,
-                         identity={"process": identity.as_dict()}, now=at)
+    runs.record_process(ctx.store.board, task_id, run_id=run_id,
+                        claim_lock=f"{host}:{shim.pid if shim else 1}",
+                        worker_pid=agent.pid if agent else None,
+                        identity={"process": identity.as_dict()}, now=at)
 
 
 def assess(ctx: JobContext, run_id: int, now: float) -> Verdict | None:
@@ -374,7 +379,7 @@ def test_another_hosts_run_is_judged_by_its_heartbeat_and_never_signalled(ctx, s
     live = procs.describe(sleeper().pid)
     task_id, run_id = claimed(ctx, host="gb10-b")
     with_identity(ctx, task_id, run_id, shim=live, agent=live, host="gb10-b", at=NOW)
-    board.heartbeat(ctx.store.board, task_id, run_id=run_id, now=NOW + 50)
+    runs.heartbeat(ctx.store.board, task_id, run_id=run_id, now=NOW + 50)
     timeout = ctx.settings["reclaim.heartbeat_timeout_seconds"]
     assert assess(ctx, run_id, NOW + 50 + timeout) is None
     assert assess(ctx, run_id, NOW + 50 + timeout + 1) == Verdict(
@@ -421,7 +426,7 @@ def test_a_hermes_worker_is_judged_by_its_pid_and_never_signalled(ctx, sleeper, 
 
 def test_a_bare_claim_is_released_when_it_expires_and_the_attempt_is_not_counted(ctx):
     task_id, run_id = claimed(ctx)  # hermes kanban claim: 15 minutes, no worker
-    ttl = board.DEFAULT_CLAIM_TTL
+    ttl = model.DEFAULT_CLAIM_TTL
     assert assess(ctx, run_id, NOW + ttl) is None
     verdict = assess(ctx, run_id, NOW + ttl + 1)
     assert verdict == Verdict(task_id, run_id, "release", Outcome.RECLAIMED,
@@ -485,7 +490,7 @@ def test_dry_run_lists_the_verdicts_and_changes_nothing(ctx, dead, tmp_path):
 
     before = snapshot()
     report = reclaim.run(ctx, now=NOW + 1000, dry_run=True)
-    assert (report.summary, report.acted) == ("would reclaim 3 run(s)", False)
+    assert (report.summary, report.acted) == ("would reclaim 3 runs", False)
     assert [(v["task_id"], v["run_id"], v["action"], v["outcome"]) for v in report.details["verdicts"]] == [
         (crashed_task, crashed_run, "fail", "crashed"), (spawn_task, spawn_run, "fail", "spawn_failed"),
         (bare_task, bare_run, "release", "reclaimed")]
@@ -496,7 +501,7 @@ def test_dry_run_lists_the_verdicts_and_changes_nothing(ctx, dead, tmp_path):
     cli = run_cli("reclaim", "--dry-run", cwd=tmp_path, env=storage)  # the real clock: these runs are months old
     assert cli.returncode == 0, cli.stderr
     lines = cli.stdout.splitlines()
-    assert lines[0] == "reclaim: ok: would reclaim 3 run(s)"
+    assert lines[0] == "reclaim: ok: would reclaim 3 runs"
     assert lines[1].startswith(f"  {crashed_task} run {crashed_run}: crashed: shim pid ")
     assert lines[2].startswith(f"  {spawn_task} run {spawn_run}: spawn_failed: no worker recorded itself")
     assert lines[3].startswith(f"  {bare_task} run {bare_run}: reclaimed: claim {ctx.host}:4242 expired")
@@ -750,8 +755,9 @@ def test_kill_9_of_the_jobs_runner_mid_run_loses_nothing_and_runs_nothing_twice(
 RECLAIMER = textwrap.dedent("""
     import sys
     from sparkops.config import load_settings
-    from sparkops.jobs import JobContext, run_job
-    from sparkops.store import open_store
+    from sparkops.jobs.framework import JobContext
+    from sparkops.runner.registry import run_job
+    from sparkops.storage.store import open_store
     settings = load_settings()
     run_job(JobContext.create(settings, open_store(settings)), "reclaim", now=float(sys.argv[1]))
 """)
@@ -876,9 +882,11 @@ def test_the_reclaimer_stops_an_overdue_run_whose_shim_is_stopped(engine):
 
 @pytest.mark.parametrize("route", ["operator", "another-host"])
 def test_a_stopped_worker_that_resumes_after_its_run_was_reclaimed_changes_nothing(engine, route):
-    """Fencing. The worker (shim and agent) is stopped with SIGSTOP, its run is
-    reclaimed, a new run completes the task, then the old worker resumes: its
-    ``task complete --run OLD`` is refused and its shim books nothing.
+    """Fencing. The worker (shim and agent) is stopped with SIGSTOP and its run is
+    reclaimed. While the old agent lives (stopped is alive) its task does not run
+    again on this host: never two agents in one workspace. The old agent resumes:
+    its ``task complete --run OLD`` is refused; its shim resumes, finds its run
+    closed, stops the agent and books nothing. Then a new run completes the task.
 
     Why these routes: on its own host a stopped worker is alive by its process
     identity, and the reclaimer rightly never releases a live worker's claim; at
@@ -905,14 +913,8 @@ def test_a_stopped_worker_that_resumes_after_its_run_was_reclaimed_changes_nothi
         assert e.run(old["id"])["error"] == "no heartbeat from host gb10-a for 6s"
     reclaimed = e.run(old["id"])
     assert reclaimed["ended_at"] is not None
-
-    result = e.dispatch(now=reclaimed["ended_at"] + e.settings["dispatch.retry_backoff_seconds"])
-    assert result.details["started"] == [task_id]
-    started, _ = e.wait_agent(task_id)
-    e.go(task_id, started["id"])
-    wait_for(lambda: e.task(task_id)["status"] == "done", "the new run to complete")
-    new = e.runs(task_id)[-1]
-    assert new["id"] != old["id"] and new["outcome"] == "completed"
+    after_backoff = reclaimed["ended_at"] + e.settings["dispatch.retry_backoff_seconds"]
+    assert not e.dispatch(now=after_backoff).details.get("started")  # the old agent still lives
     events_before = e.events(task_id)
 
     e.go(task_id, old["id"])
@@ -925,14 +927,21 @@ def test_a_stopped_worker_that_resumes_after_its_run_was_reclaimed_changes_nothi
     assert "nothing was changed" in output
     os.kill(identity.shim.pid, signal.SIGCONT)  # then its shim
     wait_for(lambda: not procs.is_alive(identity.shim), "the old shim to exit", timeout=15)
-
-    task = e.task(task_id)
-    assert (task["status"], task["result"]) == ("done", f"result of run {new['id']}")
     assert e.run(old["id"]) == reclaimed
-    assert e.runs(task_id)[-1] == new
     assert e.events(task_id) == events_before  # the old worker changed nothing
     e.wait_shims()
     assert no_process_left(identity.shim, identity.agent)
+
+    result = e.dispatch(now=after_backoff)
+    assert result.details["started"] == [task_id]
+    started, _ = e.wait_agent(task_id)
+    e.go(task_id, started["id"])
+    wait_for(lambda: e.task(task_id)["status"] == "done", "the new run to complete")
+    new = e.runs(task_id)[-1]
+    assert new["id"] != old["id"] and new["outcome"] == "completed"
+    task = e.task(task_id)
+    assert (task["status"], task["result"]) == ("done", f"result of run {new['id']}")
+    e.wait_shims()
     assert_consistent(e.db)
 
 
@@ -1014,6 +1023,7 @@ def test_a_task_that_crashes_every_time_is_blocked_after_the_failure_limit_with_
         result = e.dispatch(now=now)
         assert result.details["started"] == [task_id], (attempt, result)
         run = e.wait_closed(e.runs(task_id)[-1]["id"])
+        e.wait_shims()  # its slot is free once its shim has stopped what was left (as SIGCHLD tells the runner)
         assert run["outcome"] == "crashed"
         assert e.task(task_id)["consecutive_failures"] == attempt
         if attempt < 4:

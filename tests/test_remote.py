@@ -8,12 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import make_settings, remote_env, run_cli
-from sparkops import remote
-from sparkops.config import load_settings
-from sparkops.errors import ConfigError, Refused
 from sshd import keygen
+
+from sparkops.config import load_settings
+from sparkops.core.errors import ConfigError, Refused
+from sparkops.remote import ssh as remote
 
 
 def ssh_keygen_fingerprint(pub: Path) -> str:
@@ -159,7 +159,8 @@ def test_bad_remote_settings_are_refused_with_one_line(tmp_path, remotes, env, m
 
 
 def test_the_defaults_name_no_remote_host_and_the_remote_jobs_are_off(tmp_path, sqlite_store):
-    from sparkops.jobs import JobContext, run_job
+    from sparkops.jobs.framework import JobContext
+    from sparkops.runner.registry import run_job
 
     settings = make_settings(tmp_path)
     assert settings.remotes == ()

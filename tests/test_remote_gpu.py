@@ -8,11 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import NOW, make_settings, remote_env, run_cli
-from sparkops import gpu, remote, remote_gpu
-from sparkops.jobs import JobContext, run_job
-from sparkops.store import open_store
+
+from sparkops.jobs.framework import JobContext
+from sparkops.remote import gpu as remote_gpu
+from sparkops.remote import ssh as remote
+from sparkops.runner.registry import run_job
+from sparkops.storage.store import open_store
+from sparkops.watch import gpu
 
 FAKE = Path(__file__).parent / "fixtures" / "nvidia_smi"
 

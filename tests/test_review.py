@@ -13,10 +13,11 @@ import pytest
 from conftest import NOW, make_settings
 from sqlalchemy import select
 
-from sparkops import board
-from sparkops.jobs import JobContext, run_job
-from sparkops.schema import ops_alerts, ops_reports
-from sparkops.store import open_store
+from sparkops.board import transitions as board
+from sparkops.jobs.framework import JobContext
+from sparkops.runner.registry import run_job
+from sparkops.storage.schema import ops_alerts, ops_reports
+from sparkops.storage.store import open_store
 
 
 class ModelServer:

@@ -14,14 +14,19 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import NOW, ROOT, make_settings, run_cli, wait_for
 from sqlalchemy import create_engine, update
 
-from conftest import NOW, ROOT, make_settings, run_cli, wait_for
-from sparkops import board, queries
-from sparkops.jobs import JobContext, JobReport, JobSpec, promote
-from sparkops.runner import AlreadyRunning, Runner, RunnerLock, lock_path
-from sparkops.schema import tasks
-from sparkops.store import open_store
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.core.procs import host_name
+from sparkops.engine import promote
+from sparkops.jobs.framework import JobContext, JobReport, JobSpec
+from sparkops.runner.loop import AlreadyRunning, Runner, RunnerLock, lock_path
+from sparkops.sprint import export
+from sparkops.storage.schema import tasks
+from sparkops.storage.store import open_store
+from sparkops.watch import services
 
 
 def finish_behind_our_back(board_file: Path, task_id: str, at: int) -> None:
@@ -58,7 +63,7 @@ def test_promote_job_promotes_a_child_whose_parent_was_finished_elsewhere(sqlite
     finish_behind_our_back(tmp_path / "data" / "kanban.db", parent, at=NOW + 5)
     assert queries.get_task(sqlite_store.board, child)["status"] == "todo"
 
-    runner = Runner(ctx_for(sqlite_store, tmp_path), {"promote": spec("promote", promote)},
+    runner = Runner(ctx_for(sqlite_store, tmp_path), {"promote": spec("promote", promote.run)},
                     clock=lambda: NOW + 10)
     result = runner.run_job("promote")
 
@@ -74,7 +79,7 @@ def test_promote_runs_when_due_on_the_schedule(sqlite_store, tmp_path):
     parent = board.create_task(sqlite_store.board, "parent", now=NOW)
     child = board.create_task(sqlite_store.board, "child", parents=[parent], now=NOW)
     finish_behind_our_back(tmp_path / "data" / "kanban.db", parent, at=NOW + 5)
-    runner = Runner(ctx_for(sqlite_store, tmp_path), {"promote": spec("promote", promote)},
+    runner = Runner(ctx_for(sqlite_store, tmp_path), {"promote": spec("promote", promote.run)},
                     clock=lambda: NOW + 10)
 
     assert runner.run_pending_once() == []  # not due yet
@@ -104,7 +109,7 @@ def test_a_failing_job_is_logged_and_stays_scheduled(sqlite_store, tmp_path, cap
 
     runner = Runner(ctx_for(sqlite_store, tmp_path), {"flaky": spec("flaky", flaky)}, clock=lambda: NOW)
     make_due(runner, "flaky")
-    with caplog.at_level(logging.ERROR, logger="sparkops.jobs"):
+    with caplog.at_level(logging.ERROR, logger="sparkops.jobs.framework"):
         ran = runner.run_pending_once()
 
     assert [(r.ok, r.error) for r in ran] == [(False, "RuntimeError: model server unreachable")]
@@ -204,6 +209,11 @@ def test_runner_process_promotes_refuses_a_second_runner_and_stops_on_sigterm(st
     settings = make_settings(tmp_path)
     store = open_store(settings)  # the runner created the databases
     try:
+        # the checks ran at start, not one interval later (the watchdog's is 60 s, the review's 600 s)
+        host = host_name(settings["host.name"])
+        wait_for(lambda: services.load_states(store.ops, host) and export.latest_review_metrics(store.ops),
+                 "the first watchdog pass and review", timeout=30, proc=proc)
+        assert {s.name for s in settings.services if s.enabled} == set(services.load_states(store.ops, host))
         parent = board.create_task(store.board, "parent")
         child = board.create_task(store.board, "child", parents=[parent])
         finish_behind_our_back(tmp_path / "data" / "kanban.db", parent, at=int(time.time()))
@@ -211,7 +221,7 @@ def test_runner_process_promotes_refuses_a_second_runner_and_stops_on_sigterm(st
                  "the runner to promote the child", proc=proc)
     finally:
         store.dispose()
-    assert "job promote: promoted 1 task(s): " + child in log_file.read_text()
+    assert "job promote: promoted 1 task: " + child in log_file.read_text()
 
     second = subprocess.run([sys.executable, str(ROOT / "jobs_runner.py")], cwd=tmp_path,
                             env=runner_env(tmp_path), capture_output=True, text=True, timeout=60)
@@ -311,8 +321,8 @@ def test_stopping_the_runner_leaves_running_workers_alone(tmp_path):
 
 
 def test_the_runner_backs_off_while_the_database_is_unreachable_and_says_so(tmp_path, caplog):
-    from sparkops.db import Database
-    from sparkops.store import Store
+    from sparkops.storage.db import Database
+    from sparkops.storage.store import Store
 
     settings = make_settings(tmp_path)
     good = open_store(settings, create=True)

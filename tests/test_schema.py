@@ -7,8 +7,9 @@ import sqlite3
 from pathlib import Path
 
 from conftest import NOW, make_settings
-from sparkops import schema
-from sparkops.store import open_store
+
+from sparkops.storage import schema
+from sparkops.storage.store import open_store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hermes_board.db"
 

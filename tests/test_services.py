@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import NOW, gone, wait_for
 
-from sparkops import services
 from sparkops.config import Secrets, load_settings
-from sparkops.services import CheckResult, ServiceState
+from sparkops.watch import services
+from sparkops.watch.services import CheckResult, ServiceState
 
 FAKE_VLLM = Path(__file__).parent / "fixtures" / "fake_vllm.py"
 REDIS = shutil.which("redis-server")
@@ -174,6 +174,41 @@ def test_first_sight_of_a_service_is_no_recovery(tmp_path):
     spec = spec_with_restart(tmp_path)
     d = services.assess(spec, UP, ServiceState("svc", since=NOW), now=NOW)
     assert d.state.status == "up" and d.alert is None
+
+
+def test_a_default_service_not_found_here_is_not_configured_until_it_is_seen_up(tmp_path):
+    """A default of the seed's stack that never answered on this host is "not
+    configured": no failure counted, no alert, no restart. From its first success it
+    is watched like any other; a declared service is down from its first failure."""
+    settings = load_settings(env={}, cwd=tmp_path)
+    gateway = next(s for s in settings.services if s.name == "gateway")
+    assert not gateway.declared and "declare `[services.gateway]`" in gateway.toggle_hint()
+    gateway = replace(gateway, restart_argv=(sys.executable, "-c", "pass"), failures_before_restart=1)
+
+    d = services.assess(gateway, DOWN, ServiceState("gateway", since=NOW), now=NOW)
+    assert (d.state.status, d.state.consecutive_failures, d.alert, d.restart) == ("not_configured", 0, None, False)
+    assert d.state.detail == "not found on this host (connection refused)"
+    d = services.assess(gateway, DOWN, d.state, now=NOW + 60)
+    assert (d.state.status, d.state.since, d.alert, d.restart) == ("not_configured", NOW, None, False)
+
+    d = services.assess(gateway, UP, d.state, now=NOW + 120)
+    assert d.state.status == "up" and d.state.memory[services.SEEN_UP] and d.alert is None
+    d = services.assess(gateway, DOWN, d.state, now=NOW + 180)
+    assert d.state.status == "restarting" and d.restart and d.alert[0] == "error"  # watched now
+
+    declared = spec_for(tmp_path, "gateway", check="tcp", port=1)
+    assert declared.declared and declared.toggle_hint() == (
+        "to stop watching it: `[services.gateway] enabled = false` in sparkops.toml")
+    d = services.assess(declared, DOWN, ServiceState("gateway", since=NOW), now=NOW)
+    assert (d.state.status, d.state.consecutive_failures) == ("down", 1)
+
+
+def test_status_words_say_not_checked_and_not_configured():
+    assert services.status_words("unknown") == "not checked yet"
+    assert services.status_words("not_configured") == "not configured"
+    assert services.status_words("gave_up") == "gave up"
+    assert services.serving_healthy(None) and services.serving_healthy(ServiceState("v", status="not_configured"))
+    assert not services.serving_healthy(ServiceState("v", status="down"))
 
 
 def test_state_round_trips_through_the_ops_database(sqlite_store):

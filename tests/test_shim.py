@@ -1,5 +1,5 @@
-"""The worker shim as the dispatcher runs it: ``python -m sparkops.shim TASK RUN``, a
-real subprocess on a run claimed with :func:`sparkops.board.claim_next`, with tiny
+"""The worker shim as the dispatcher runs it: ``python -m sparkops.engine.shim TASK RUN``, a
+real subprocess on a run claimed with :func:`sparkops.board.transitions.claim_next`, with tiny
 agents written as ``python -c`` scripts that report through the real CLI.
 
 Each test claims at the real time (the shim measures the max runtime from the
@@ -26,11 +26,13 @@ import pytest
 from conftest import ROOT, gone, wait_for
 from sqlalchemy import select, update
 
-from sparkops import board, procs, queries
-from sparkops.board import Outcome, RetryPolicy
-from sparkops.procs import RunIdentity
-from sparkops.schema import task_runs, tasks
-from sparkops.store import Store
+from sparkops.board import model, queries
+from sparkops.board import transitions as board
+from sparkops.board.model import Outcome, RetryPolicy
+from sparkops.core import procs
+from sparkops.core.procs import RunIdentity
+from sparkops.storage.schema import task_runs, tasks
+from sparkops.storage.store import Store
 
 HOST = socket.gethostname()
 NO_BACKOFF = RetryPolicy(backoff_seconds=0, backoff_max_seconds=0, rate_limit_cooldown_seconds=0)
@@ -90,35 +92,35 @@ class Bench:
     def task(self, title: str = "Add a health endpoint", **kwargs: Any) -> str:
         return board.create_task(self.db, title, **kwargs)
 
-    def claim(self, task_id: str, now: float | None = None) -> board.Change:
+    def claim(self, task_id: str, now: float | None = None) -> model.Change:
         change = board.claim_next(self.db, host=HOST, lock=f"{HOST}:{os.getpid()}", capacity=100,
                                   policy=NO_BACKOFF, workspace_root=str(self.workspace_root), now=now)
         assert change is not None and change.task_id == task_id
         return change
 
-    def log_path(self, change: board.Change) -> Path:
+    def log_path(self, change: model.Change) -> Path:
         return self.log_root / change.task_id / f"run-{change.run_id}.log"
 
-    def log(self, change: board.Change) -> str:
+    def log(self, change: model.Change) -> str:
         path = self.log_path(change)
         return path.read_text(errors="replace") if path.exists() else ""
 
     def workspace(self, task_id: str) -> Path:
         return self.workspace_root / task_id
 
-    def start(self, change: board.Change, agent: list[str], **env: str) -> subprocess.Popen:
+    def start(self, change: model.Change, agent: list[str], **env: str) -> subprocess.Popen:
         """Start the shim as the dispatcher does: its own session, output to the run log."""
         full_env = {**self.env, "SPARKOPS_DISPATCH_AGENT_ARGV": json.dumps(agent), **env}
         path = self.log_path(change)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as out:
-            argv = [sys.executable, "-m", "sparkops.shim", change.task_id, str(change.run_id)]
+            argv = [sys.executable, "-m", "sparkops.engine.shim", change.task_id, str(change.run_id)]
             proc = subprocess.Popen(argv, cwd=self.tmp, env=full_env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append((proc, change.run_id))
         return proc
 
-    def run(self, change: board.Change, agent: list[str], **env: str) -> int:
+    def run(self, change: model.Change, agent: list[str], **env: str) -> int:
         proc = self.start(change, agent, **env)
         try:
             code = proc.wait(timeout=SHIM_TIMEOUT)
@@ -136,7 +138,7 @@ class Bench:
     def identity(self, task_id: str, run_id: int) -> RunIdentity | None:
         return RunIdentity.from_metadata(self.run_row(task_id, run_id)["metadata"])
 
-    def agent_started(self, change: board.Change) -> RunIdentity:
+    def agent_started(self, change: model.Change) -> RunIdentity:
         """Wait until the shim has recorded the agent's identity."""
         return wait_for(lambda: (ident := self.identity(change.task_id, change.run_id))
                         and ident.agent and ident, "the agent's identity in the run row")
@@ -214,10 +216,10 @@ def test_shim_records_identity_writes_task_md_and_sends_output_to_the_run_log(be
     task = bench.detail(task_id)["task"]
     assert ident.host == HOST and ident.boot_id == procs.boot_id()
     assert ident.shim.pid == shim.pid
-    assert abs(ident.shim.start - psutil.Process(shim.pid).create_time()) < procs.START_TOLERANCE
+    assert ident.shim.start == procs.start_of(shim.pid)
     agent = psutil.Process(ident.agent.pid)
     assert agent.ppid() == shim.pid
-    assert abs(ident.agent.start - agent.create_time()) < procs.START_TOLERANCE
+    assert ident.agent.start == procs.start_of(agent.pid)
     assert ident.agent.pgid == ident.agent.pid != os.getpgid(shim.pid)  # its own process group
     assert run["worker_pid"] == task["worker_pid"] == ident.agent.pid
     assert run["claim_lock"] == task["claim_lock"] == f"{HOST}:{shim.pid}"
@@ -322,7 +324,8 @@ CRASH = py("import sys", 'for i in range(30): print("progress line", i)',
 
 ENDINGS = {
     # name: (agent, outcome, counted as a failure)
-    "exit-0-without-report": (py('print("could not reach the model")'), "protocol_violation", False),
+    # booked as Hermes books it: crashed, with metadata.protocol_violation (see the end of the test)
+    "exit-0-without-report": (py('print("could not reach the model")'), "crashed", False),
     "exit-75": (py("import sys", 'print("429 Too Many Requests")', "sys.exit(75)"), "rate_limited", False),
     "exit-3": (CRASH, "crashed", True),
     "missing-binary": (["/nonexistent/bin/agent-cli", "--task", "{task_id}"], "spawn_failed", True),
@@ -344,7 +347,8 @@ def test_each_ending_is_booked_as_its_own_outcome_and_the_task_is_requeued(bench
     [run] = detail["runs"]
     assert (run["status"], run["outcome"]) == (outcome, outcome)
     assert run["ended_at"] is not None and run["worker_pid"] is None
-    assert kinds(detail) == ["created", "claimed", outcome]
+    assert kinds(detail) == ["created", "claimed",
+                             "protocol_violation" if ending == "exit-0-without-report" else outcome]
     # never lost: back to ready, unclaimed, and claimable again
     assert task["status"] == "ready"
     assert (task["current_run_id"], task["claim_lock"], task["worker_pid"]) == (None, None, None)
@@ -359,6 +363,7 @@ def test_each_ending_is_booked_as_its_own_outcome_and_the_task_is_requeued(bench
     error = run["error"]
     if ending == "exit-0-without-report":
         assert f"sparkops task complete {task_id} --run {change.run_id}" in error
+        assert error.startswith("protocol violation: ") and run["metadata"]["protocol_violation"] is True
     elif ending == "exit-75":
         assert "exited 75" in error
     elif ending == "exit-3":
@@ -395,8 +400,8 @@ def test_failures_up_to_the_failure_limit_block_the_task(bench):
         assert task["status"] == ("ready" if attempt == 1 else "blocked")
 
     detail = bench.detail(task_id)
-    assert kinds(detail) == ["created", "claimed", "crashed", "claimed", "crashed", "gave_up"]
-    gave_up = detail["events"][-1]["payload"]
+    assert kinds(detail) == ["created", "claimed", "crashed", "claimed", "crashed", "gave_up", "blocked"]
+    gave_up = detail["events"][-2]["payload"]
     assert (gave_up["failures"], gave_up["effective_limit"], gave_up["trigger_outcome"]) == (2, 2, "crashed")
     assert "the model said no" in detail["task"]["last_failure_error"]
     assert board.claim_next(bench.db, host=HOST, lock="h:1", capacity=100, now=time.time() + 10_000) is None
@@ -411,8 +416,8 @@ def test_protocol_violations_in_a_row_block_the_task_without_counting_failures(b
     detail = bench.detail(task_id)
     assert detail["task"]["status"] == "blocked"
     assert detail["task"]["consecutive_failures"] == 0
-    assert kinds(detail)[-2:] == ["protocol_violation", "gave_up"]
-    gave_up = detail["events"][-1]["payload"]
+    assert kinds(detail)[-3:] == ["protocol_violation", "gave_up", "blocked"]
+    gave_up = detail["events"][-2]["payload"]
     assert (gave_up["trigger_outcome"], gave_up["limit_source"], gave_up["effective_limit"]) == \
         ("protocol_violation", "protocol_violation_limit", 2)
 
@@ -497,7 +502,8 @@ def test_run_closed_while_the_agent_works_stops_the_agent_and_books_nothing_more
     [run] = detail["runs"]
     assert run["outcome"] == ("reclaimed" if how == "reclaim" else "crashed")
     assert detail["task"]["status"] == "ready"
-    assert "stopping it" in bench.log(change)
+    closed = "closed as reclaimed" if how == "reclaim" else "closed as crashed"
+    assert f"run {change.run_id} was {closed} while its agent worked; stopping the agent" in bench.log(change)
 
 
 def test_run_closed_before_the_shim_starts_changes_nothing(bench):

@@ -9,14 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import NOW, make_settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from conftest import NOW, make_settings
-from sparkops import board, queries, schema
-from sparkops.db import Database
-from sparkops.errors import StorageError
-from sparkops.store import open_store
+from sparkops.board import queries
+from sparkops.board import transitions as board
+from sparkops.core.errors import StorageError
+from sparkops.storage import schema
+from sparkops.storage.db import Database
+from sparkops.storage.store import open_store
 
 
 def digest(*paths: Path) -> dict[str, str | None]:
@@ -110,9 +112,9 @@ def test_newer_ops_schema_is_refused(tmp_path):
     settings = make_settings(tmp_path)
     open_store(settings, create=True, now=NOW).dispose()
     with sqlite3.connect(tmp_path / "data" / "sparkops.db") as conn:
-        conn.execute("UPDATE ops_schema_version SET version = 8")
+        conn.execute(f"UPDATE ops_schema_version SET version = {schema.OPS_SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(StorageError, match="ops database .* schema version 8"):
+    with pytest.raises(StorageError, match=f"ops database .* schema version {schema.OPS_SCHEMA_VERSION + 1}"):
         open_store(settings)
 
 
@@ -212,7 +214,7 @@ def test_postgres_epoch_columns_are_bigint(tmp_path, pg_url):
 
 
 def test_retrying_rides_out_an_unreachable_server_and_nothing_else(tmp_path):
-    from sparkops.db import retrying
+    from sparkops.storage.db import retrying
 
     away = Database("postgresql://nobody@127.0.0.1:1/none", role="board")  # nothing listens on port 1
     waits: list[float] = []

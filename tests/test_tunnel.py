@@ -15,11 +15,12 @@ import threading
 import urllib.request
 
 import pytest
-
 from conftest import NOW, ROOT, make_settings, remote_env, run_cli, wait_for
-from sparkops import remote, tunnel
-from sparkops.store import open_store
 from sshd import free_port
+
+from sparkops.remote import ssh as remote
+from sparkops.remote import tunnel
+from sparkops.storage.store import open_store
 
 
 class App(http.server.BaseHTTPRequestHandler):
@@ -197,7 +198,7 @@ def test_the_runner_keeps_the_tunnel_alive_by_itself(ssh_server, tmp_path, app):
 
 
 def settings_host(settings) -> str:
-    from sparkops.procs import host_name
+    from sparkops.core.procs import host_name
 
     return host_name(settings["host.name"])
 
@@ -230,8 +231,9 @@ def test_remote_tunnel_holds_it_in_the_foreground_until_ctrl_c(ssh_server, tmp_p
 def test_a_tunnel_to_the_app_needs_the_apps_password(ssh_server, tmp_path):
     """The tunnel publishes the app on the remote host: the rule of a public address."""
     from sparkops.config import Secrets
-    from sparkops.errors import ConfigError
-    from sparkops.jobs import JobContext, run_job
+    from sparkops.core.errors import ConfigError
+    from sparkops.jobs.framework import JobContext
+    from sparkops.runner.registry import run_job
 
     env = {**tunnel_env(ssh_server, tmp_path, 0), "SPARKOPS_REMOTE_TUNNEL_LOCAL_PORT": "0"}  # 0: ui.port
     settings = make_settings(tmp_path, **env)
@@ -246,7 +248,7 @@ def test_a_tunnel_to_the_app_needs_the_apps_password(ssh_server, tmp_path):
         ctx.resident = True
         result = run_job(ctx, "tunnel", now=NOW)
         assert result.outcome == "error" and "without a password" in result.error
-        assert "tunnel" not in ctx.memo  # nothing was opened
+        assert "tunnel" not in ctx.kept_open  # nothing was opened
         with pytest.raises(ConfigError):
             tunnel.run(ctx, now=NOW)
     finally:

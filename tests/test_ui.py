@@ -9,8 +9,8 @@ from conftest import make_settings, run_page
 
 
 def seeded(tmp_path: Path) -> None:
-    from sparkops.demo import seed_demo
-    from sparkops.store import open_store
+    from sparkops.demo.sprint import seed_demo
+    from sparkops.storage.store import open_store
 
     store = open_store(make_settings(tmp_path), create=True)
     try:
@@ -26,7 +26,7 @@ def test_home_shows_counts_banner_and_events(app_env):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["✅ Done"] == "2" and metrics["⏳ Todo"] == "6" and metrics["⛔ Blocked"] == "1"
     assert metrics["Open tasks"] == "8" and metrics["Active runs"] == "0"
-    assert metrics["Oldest ready task"].endswith("m")  # the demo's ready task waits for hours
+    assert metrics["Longest ready wait"].endswith("m")  # the demo's ready task has waited for hours
     assert any("Unauthenticated, bound to localhost" in i.value for i in at.info)
     assert len(at.dataframe) == 1  # recent events; no active runs
 
@@ -66,4 +66,36 @@ def test_pages_ask_for_the_password_when_one_is_set(app_env, monkeypatch):
     assert not at.metric and at.error[0].value == "Wrong password."
     at.text_input[0].input("s3cret")
     at.button[0].click().run()
-    assert at.metric and not at.info  # no "unauthenticated" banner
+    assert at.metric and not [i for i in at.info if "unauthenticated" in i.value]  # no such banner
+
+
+def test_nothing_but_the_login_form_shows_before_the_gate(app_env, monkeypatch):
+    """A broken board's error names its path: it must not reach a visitor who has not
+    logged in."""
+    (app_env / "data").mkdir()
+    (app_env / "data" / "kanban.db").write_text("not a database\n")
+    monkeypatch.setenv("SPARKOPS_UI_PASSWORD", "s3cret")
+    at = run_page("Home.py")
+    assert not at.exception and not at.error
+    assert [t.label for t in at.text_input] == ["Password"]
+    assert str(app_env) not in " ".join(m.value for m in at.markdown)
+
+
+def test_wrong_passwords_are_throttled(app_env, monkeypatch):
+    from sparkops.ui import page
+
+    monkeypatch.setattr(page, "_login_failures", [])
+    seeded(app_env)
+    monkeypatch.setenv("SPARKOPS_UI_PASSWORD", "s3cret")
+    at = run_page("Home.py")
+    for _ in range(page.LOGIN_FREE_TRIES):
+        at.text_input[0].input("guess")
+        at.button[0].click().run()
+        assert at.error[0].value == "Wrong password."
+    at.text_input[0].input("s3cret")  # even the right one waits now
+    at.button[0].click().run()
+    assert at.error[0].value.startswith("Too many wrong passwords: try again in ") and not at.metric
+    monkeypatch.setattr(page, "_login_failures", [])  # the pause is over
+    at.text_input[0].input("s3cret")
+    at.button[0].click().run()
+    assert at.metric

@@ -5,17 +5,21 @@ action button, each checked in the database and in the audit."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ROOT, make_settings, run_page
 
-from sparkops import actions, board, queries
-from sparkops.demo import DEMO_TASKS, seed_demo
-from sparkops.dispatch import run_log_path
-from sparkops.store import Store, open_store
+from sparkops.board import queries, runs
+from sparkops.board import transitions as board
+from sparkops.control import actions
+from sparkops.demo.sprint import DEMO_TASKS, seed_demo
+from sparkops.engine.dispatch import run_log_path
+from sparkops.storage.store import Store, open_store
 
 BOARD = "pages/1_Board.py"
 RUNS = "pages/2_Runs.py"
@@ -51,8 +55,8 @@ def busy_board(tmp_path: Path) -> dict[str, str]:
         ids["bench"] = board.create_task(store.board, "[P2] Benchmark the engine on the GPU box",
                                          assignee="integrator", priority=1)
         other = board.claim(store.board, ids["bench"], lock=f"{OTHER_HOST}:99")
-        board.record_process(store.board, ids["bench"], run_id=other.run_id, claim_lock=f"{OTHER_HOST}:99",
-                             worker_pid=None, identity={"process": {
+        runs.record_process(store.board, ids["bench"], run_id=other.run_id, claim_lock=f"{OTHER_HOST}:99",
+                            worker_pid=None, identity={"process": {
                                  "host": OTHER_HOST, "boot_id": "b",
                                  "agent": {"pid": OTHER_PID, "start": 1.0, "pgid": OTHER_PID}}})
         ids["api_run"], ids["bench_run"] = str(api.run_id), str(other.run_id)
@@ -93,6 +97,10 @@ def audit(tmp_path: Path) -> list[dict[str, Any]]:
 
 def cards(at) -> list[str]:
     return [m.value for m in at.markdown if "`t_" in m.value and "@" in m.value and "phase" not in m.value]
+
+
+def texts_of(elements) -> list[str]:
+    return [e.value for e in elements]
 
 
 def column_headers(at) -> list[str]:
@@ -205,8 +213,59 @@ def test_task_text_is_shown_as_text_not_markup(app_env):
         store.dispose()
     at = open_task(run_page(BOARD), task_id)
     [card] = cards(at)
-    assert r"\<b\>it\</b\> \[now\]\(http://x\) \*\*bold\*\*" in card
+    assert r"\<b\>it\</b\> \[now\]\(`http://x`\) \*\*bold\*\*" in card  # a URL as code: no link
     assert any(m.value == r"\# not a heading  " + "\n" + r"\<script\>x\</script\>" for m in at.markdown)
+
+
+def test_a_blocked_tasks_kind_and_reason_are_on_its_card_and_in_its_detail(app_env, hermes_bin):
+    """Blocked with a kind (the demo's needs_input), without a reason, and by Hermes'
+    own ``block`` verb: each card says why."""
+    ids = busy_board(app_env)
+    store = open_test_store(app_env)
+    try:
+        bare = board.create_task(store.board, "blocked without a word")
+        board.block(store.board, bare, reason=None)
+        by_hermes = board.create_task(store.board, "blocked by hermes")
+    finally:
+        store.dispose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HERMES_", "SPARKOPS_"))}
+    env.update(HERMES_HOME=str(app_env / "hermes-home"), HERMES_KANBAN_DB=str(app_env / "data" / "kanban.db"))
+    subprocess.run([str(hermes_bin), "kanban", "block", by_hermes, "waiting", "for", "the", "GPU", "quota"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    at = run_page(BOARD)
+    no_trouble(at)
+    reason = r"Needs an API key for the market data vendor; ask the operator\."
+    [feed] = [c for c in cards(at) if ids["feed"] in c]
+    assert feed.endswith("  \n⛔ **needs input**: " + reason)
+    [card] = [c for c in cards(at) if bare in c]
+    assert card.endswith("⛔ **blocked**: no reason given")
+    [card] = [c for c in cards(at) if by_hermes in c]
+    assert card.endswith(": waiting for the GPU quota")
+
+    at = open_task(at, ids["feed"])
+    header = next(m.value for m in at.markdown if m.value.startswith(f"`{ids['feed']}`"))
+    assert "⛔ **needs input**: " + reason in header and "(since " in header
+    [box] = texts_of(at.warning)
+    assert box.startswith("**needs input**: " + reason)
+
+
+def test_the_done_column_is_capped_with_show_more(app_env):
+    store = open_test_store(app_env)
+    try:
+        done = [board.create_task(store.board, f"finished {n}") for n in range(12)]
+        for task_id in done:
+            board.complete(store.board, task_id, result="ok")
+    finally:
+        store.dispose()
+    at = run_page(BOARD)
+    no_trouble(at)
+    assert sum(1 for c in cards(at) if "finished " in c) == 8
+    more = at.button(key="board_show_more_done")
+    assert more.label == "Show more (4 not shown)"
+    more.click().run()
+    no_trouble(at)
+    assert sum(1 for c in cards(at) if "finished " in c) == 12
+    assert not [b for b in at.button if b.key == "board_show_more_done"]
 
 
 def test_detail_shows_body_links_runs_and_the_log_tail(app_env):
@@ -298,8 +357,8 @@ def test_every_action_changes_the_board_and_is_audited(app_env):
 def test_failing_actions_show_a_readable_error(app_env):
     ids = busy_board(app_env)
     at = open_task(run_page(BOARD), ids["bench"])  # running, on another host
-    press(at, "archive")
-    assert "reclaim it first" in at.error[0].value
+    press(at, "unblock")
+    assert "unblock applies to blocked, scheduled tasks" in at.error[0].value
     press(at, "reclaim")
     assert f"runs on host {OTHER_HOST}" in at.error[0].value
     assert task_row(app_env, ids["bench"])["task"]["status"] == "running"
@@ -317,7 +376,7 @@ def test_failing_actions_show_a_readable_error(app_env):
     assert at.text_area(key="board_new_body").value == "kept when refused"
     assert task_row(app_env, ids["repo"])["task"]["status"] == "done"
     assert [(r["action"], r["result"]) for r in audit(app_env)] == [
-        ("task.archive", "refused"), ("task.reclaim", "refused"), ("task.block", "refused"),
+        ("task.unblock", "refused"), ("task.reclaim", "refused"), ("task.block", "refused"),
         ("task.comment", "refused"), ("task.create", "refused")]
 
 
@@ -361,3 +420,21 @@ def test_a_task_that_is_gone_leaves_the_board_usable(app_env):
     assert at.caption[0].value == "11 of 11 tasks"
     at.button(key="board_close").click().run()
     assert not at.warning
+
+
+def test_in_hermes_mode_the_board_names_the_ready_tasks_hermes_skips(app_env, monkeypatch):
+    store = open_test_store(app_env)
+    try:
+        board.create_task(store.board, "No owner yet")
+        board.create_task(store.board, "Owned", assignee="default")
+    finally:
+        store.dispose()
+    native = run_page(BOARD)
+    no_trouble(native)
+    assert not [w for w in native.warning if "no assignee" in w.value]  # native mode starts any task
+
+    monkeypatch.setenv("SPARKOPS_DISPATCH_MODE", "hermes")
+    at = run_page(BOARD)
+    no_trouble(at)
+    [note] = [w.value for w in at.warning if "no assignee" in w.value]
+    assert note.startswith("1 ready task(s) have no assignee: Hermes' dispatcher")

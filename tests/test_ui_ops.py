@@ -2,7 +2,7 @@
 in process with Streamlit's AppTest over real SQLite files: what they show on an
 empty, a busy and a Hermes-made board, their buttons (audited, the playbook's only
 after a confirmation), their error boxes and their CSV downloads; and the pure
-helpers of :mod:`sparkops.ui.ops_view`."""
+helpers of the view modules (:mod:`sparkops.ui.home_view`, ``jobs_view``, ``events_view``, ...)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import io
 import json
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -18,11 +19,16 @@ import pytest
 from conftest import ROOT, make_settings, run_page
 from sqlalchemy import select
 
-from sparkops import actions, alerts, board, jobs, queries, services
-from sparkops.jobs import JobContext, JobSpec, run_job
-from sparkops.runner import Runner
-from sparkops.schema import ops_hosts, ops_job_runs
-from sparkops.store import open_store
+from sparkops.board import queries, runs
+from sparkops.board import transitions as board
+from sparkops.control import actions
+from sparkops.jobs.framework import JobContext, JobSpec
+from sparkops.runner import registry
+from sparkops.runner.loop import Runner
+from sparkops.runner.registry import run_job
+from sparkops.storage.schema import ops_hosts, ops_job_runs
+from sparkops.storage.store import open_store
+from sparkops.watch import alerts, services
 
 HOST = "gb10-test"
 PAGES = ("Home.py", "pages/5_Jobs.py", "pages/6_Playbook.py", "pages/7_Events.py", "pages/8_Fleet.py")
@@ -44,6 +50,12 @@ def app_env(app_env, monkeypatch):
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     return app_env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def settings_for(tmp_path: Path, **env: str):
@@ -78,7 +90,7 @@ def service(ctx: JobContext, name: str, status: str, detail: str) -> None:
 def busy_board(tmp_path: Path) -> None:
     """The demo sprint with job runs (one failed), an alert, an audited press, a
     live runner and a service that is down."""
-    from sparkops.demo import seed_demo
+    from sparkops.demo.sprint import seed_demo
 
     def fill(ctx: JobContext) -> None:
         seed_demo(ctx.store.board)
@@ -132,7 +144,7 @@ def test_home_shows_health_and_a_red_banner_for_what_is_down(app_env):
     assert not at.exception
     [banner] = [e.value.replace("\\", "") for e in at.error]  # markdown-escaped
     assert "service gateway is down: tcp check failed" in banner
-    assert "stuck: 1 ready task(s) but no run started for" in banner  # from the review
+    assert "stuck: 1 ready task but no run started for" in banner  # from the review
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Jobs runner"] == "alive" and metrics["Capacity used"] == "0/1"
     assert metrics["GPU"] in ("ok", "no NVML")
@@ -146,6 +158,7 @@ def test_home_is_green_when_all_is_well(app_env):
     def well(ctx):
         heartbeat(ctx)
         service(ctx, "gateway", "up", "127.0.0.1:1 accepts connections")
+        assert run_job(ctx, "review").ok
     with_ctx(app_env, well)
     at = run_page("Home.py")
     assert not at.exception and not at.error
@@ -167,6 +180,102 @@ def test_home_is_red_when_the_runner_is_silent_or_the_disk_is_full(app_env, monk
     assert {m.label: m.value for m in at.metric}["Jobs runner"] == "down"
 
 
+# -- unknown is never green (issue 14) --------------------------------------------------------------
+
+#: A URL shown escaped for markdown (``http://127\.0\.0\.1``): unreadable, and its link broken.
+ESCAPED_URL = re.compile(r"https?://\S*\\[.:/]")
+
+
+def every_text(at) -> list[str]:
+    """Every piece of text a page shows (markdown, captions, boxes, metrics)."""
+    shown = [e.value for kind in ("markdown", "caption", "success", "info", "warning", "error", "title",
+                                  "subheader") for e in getattr(at, kind)]
+    return shown + [f"{m.label}: {m.value}" for m in at.metric]
+
+
+def test_right_after_start_nothing_is_called_green(app_env):
+    """A live runner, but no watchdog pass and no review yet: Home, Jobs and the
+    Playbook say "not checked", never "all green", "all well" or "none happening"."""
+    with_ctx(app_env, heartbeat)
+    home = run_page("Home.py")
+    assert not home.exception and not home.success and not home.error
+    [waiting] = [i.value for i in home.info if i.icon == "⏳"]
+    assert waiting.startswith("**Not checked yet**")
+    assert "service gateway: not checked yet" in waiting.replace("\\", "")
+    assert "the sprint: not reviewed yet" in waiting.replace("\\", "")
+    assert "**Services** · ⏳ gateway not checked yet" in texts(home.markdown)
+
+    playbook = run_page("pages/6_Playbook.py")
+    assert not playbook.exception and not playbook.success
+    assert any(i.startswith("Not checked yet: Gateway stopped while an agent was working")
+               for i in texts(playbook.info))
+    assert ":gray-badge[Happening now: not checked yet]" in texts(playbook.markdown)
+
+    jobs_page = run_page("pages/5_Jobs.py")
+    assert not jobs_page.exception
+    assert not any(m.startswith("✅") for m in texts(jobs_page.markdown))  # no job has run yet
+
+
+def test_after_a_pass_a_service_that_is_down_is_said_on_jobs_not_ok(app_env):
+    with_ctx(app_env, heartbeat)
+    with_ctx(app_env, lambda ctx: run_job(ctx, "watchdog"))  # the gateway is declared, on port 1: down
+    at = run_page("pages/5_Jobs.py")
+    assert not at.exception
+    [line] = [m for m in texts(at.markdown) if "at " in m and "found" in m]
+    assert line.startswith("⚠️ ran, found 1 problem at ")
+    assert not any(m.startswith("✅ ok") for m in texts(at.markdown))
+
+
+def test_services_this_box_does_not_have_are_not_configured_not_red(app_env, monkeypatch):
+    """The seed's default services (vLLM on :8000, the gateway, redis, the tunnel,
+    the UI's own health URL) on a box that runs none of them: after the watchdog's
+    first pass and a review, Home is green for what it looked at and lists them as
+    not configured with the line that turns each on or off; the Playbook lists
+    their cards as not applicable; no URL anywhere is shown escaped."""
+    # only redis is declared (on a port where nothing listens); the rest are the seed's defaults
+    env = {"SPARKOPS_UI_PORT": str(free_port()), "SPARKOPS_SERVICES": json.dumps({"redis": {"port": free_port()}})}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def first_checks(ctx):
+        heartbeat(ctx)
+        assert run_job(ctx, "watchdog").ok and run_job(ctx, "review").ok
+        return {name: s.status for name, s in services.load_states(ctx.store.ops, ctx.host).items()}
+    states = with_ctx(app_env, first_checks, **env)
+    absent = {name for name, status in states.items() if status == "not_configured"}
+    assert {"ui", "redis"} - absent == {"redis"}  # redis is declared (its port): down, not absent
+    home = run_page("Home.py")
+    assert not home.exception
+    [red] = texts(home.error)
+    assert "service redis is down" in red.replace("\\", "") and "vllm" not in red
+    [not_here] = [c for c in texts(home.caption) if c.startswith("**Not configured on this host**")]
+    assert "ui: not found on this host" in not_here.replace("\\", "")
+    assert "`[services.ui] enabled = false`" in not_here
+
+    playbook = run_page("pages/6_Playbook.py")
+    assert not playbook.exception
+    [listed] = [m for m in texts(playbook.markdown) if m.startswith("**Not applicable on this host**")]
+    assert "Traefik" in listed and "Kanban board shows stale data" in listed
+    for at in (home, playbook, run_page("pages/5_Jobs.py"), run_page("pages/7_Events.py")):
+        assert not [t for t in every_text(at) if ESCAPED_URL.search(t)]
+
+
+def test_home_is_green_only_for_what_it_looked_at(app_env, monkeypatch):
+    declared = json.dumps({**SERVICES, "gateway": {"enabled": False}, "ui": {"url": "http://127.0.0.1:1/x"}})
+    monkeypatch.setenv("SPARKOPS_SERVICES", declared)
+
+    def all_checked(ctx):
+        heartbeat(ctx)
+        assert run_job(ctx, "review").ok
+        service(ctx, "ui", "up", "HTTP 200 from http://127.0.0.1:1/x")
+    with_ctx(app_env, all_checked, SPARKOPS_SERVICES=declared)
+    at = run_page("Home.py")
+    assert not at.exception and not at.error and not [i for i in at.info if i.icon == "⏳"]
+    [green] = texts(at.success)
+    assert green.startswith("All green on gb10-test: services (ui), the jobs runner")
+    assert "the disks, the sprint." in green
+
+
 # -- Jobs ----------------------------------------------------------------------------------------
 
 
@@ -174,7 +283,7 @@ def test_every_run_now_button_runs_its_job_and_is_audited(app_env):
     empty_board(app_env)
     with_ctx(app_env, heartbeat)
     at = run_page("pages/5_Jobs.py")
-    names = list(jobs.registry())
+    names = list(registry.all_jobs())
     assert [b.label for b in at.button] == ["Run now"] * len(names)
     for name in names:
         at.button(key=f"jobs.run.{name}").click().run()
@@ -190,9 +299,17 @@ def test_every_run_now_button_runs_its_job_and_is_audited(app_env):
                                 .order_by(ops_job_runs.c.id)).all()
     assert with_ctx(app_env, recorded) == [(n, "ui") for n in names]
     # the page shows the runs it just made, and the next one (the runner is alive)
-    lines = [m.value for m in at.markdown if m.value.startswith("✅ ok at ")]
+    lines = [m.value for m in at.markdown if m.value.startswith(("✅ ok at ", "⚠️ ran, found "))]
     assert len(lines) == len(names)
-    assert sum(m.value.startswith("Next: \\~") for m in at.markdown) == len(names)
+    # the watchdog ran fine but found the gateway (declared, on port 1) down: not "ok"
+    assert [line for line in lines if line.startswith("⚠️")] == [
+        next(m.value for m in at.markdown if m.value.startswith("⚠️ ran, found 1 problem at "))]
+    # the next run of each job, except those with nothing to do here (no remote host set)
+    unset = {"push": "remote.push_host", "tunnel": "remote.tunnel_host", "remote-gpu": "remote.gpu_hosts"}
+    assert sum(m.value.startswith("Next: \\~") for m in at.markdown) == len(names) - len(unset)
+    for needs in unset.values():
+        assert f"Next: not configured: nothing to do until {needs} is set".replace(".", "\\.").replace(
+            "_", "\\_") in [m.value for m in at.markdown]
     assert {m.label: m.value for m in at.metric}["State"] == "alive"
 
 
@@ -221,7 +338,7 @@ def test_the_reclaim_fix_needs_the_confirmation_and_then_closes_the_dead_run(app
     task = with_ctx(app_env, dead_claim)
 
     def open_runs(ctx):
-        return board.count_open_runs(ctx.store.board, ctx.host)
+        return runs.count_open_runs(ctx.store.board, ctx.host)
 
     at = run_page("pages/6_Playbook.py")
     assert not at.exception
@@ -319,35 +436,35 @@ def test_the_events_page_shows_an_error_box_when_the_board_is_not_a_database(app
 
 
 def test_runner_status_and_next_run():
-    from sparkops.ui import ops_view
+    from sparkops.ui import data, jobs_view
 
     row = {"host": "h", "pid": 7, "started_at": 1000, "heartbeat_at": 1030, "stopped_at": None,
            "info": json.dumps({"jobs": {"review": 600.0}, "mode": "native"})}
-    alive = ops_view.runner_status([row], "h", 1120)
+    alive = data.runner_status([row], "h", 1120)
     assert alive.alive and alive.heartbeat_age == 90 and alive.intervals == {"review": 600.0}
-    assert ops_view.runner_status([row], "h", 1121).state == "down"
-    assert ops_view.runner_status([{**row, "stopped_at": 1030}], "h", 1031).state == "stopped"
-    assert ops_view.runner_status([row], "other", 1031).problem.startswith("the jobs runner has never run")
+    assert data.runner_status([row], "h", 1121).state == "down"
+    assert data.runner_status([{**row, "stopped_at": 1030}], "h", 1031).state == "stopped"
+    assert data.runner_status([row], "other", 1031).problem.startswith("the jobs runner has never run")
     # next run: the first base + k * interval after now; none while the runner is not alive
-    assert ops_view.next_run(1100, 60, alive, 1120) == 1160
-    assert ops_view.next_run(None, 60, alive, 1120) == 1180  # from the runner's start: after now
-    assert ops_view.next_run(1100, 60, ops_view.runner_status([row], "h", 2000), 2000) is None
+    assert jobs_view.next_run(1100, 60, alive, 1120) == 1160
+    assert jobs_view.next_run(None, 60, alive, 1120) == 1180  # from the runner's start: after now
+    assert jobs_view.next_run(1100, 60, data.runner_status([row], "h", 2000), 2000) is None
 
 
 def test_red_items_name_zombies_disks_and_only_fresh_stuck_signals():
-    from sparkops import gpu
-    from sparkops.disk import DiskUsage
-    from sparkops.ui import ops_view
+    from sparkops.ui import data, home_view
+    from sparkops.watch import gpu, zombie_rule
+    from sparkops.watch.disk import DiskUsage
 
-    runner = ops_view.RunnerStatus("h", "alive", pid=1, started_at=0, heartbeat_at=100, heartbeat_age=0)
-    zombie = gpu.Zombie(pid=42, device_index=0, used_memory_mb=110 * 1024, command_line="python -m vllm.x",
-                        reason="holds 110.0 GB", killable=True)
+    runner = data.RunnerStatus("h", "alive", pid=1, started_at=0, heartbeat_at=100, heartbeat_age=0)
+    zombie = zombie_rule.Zombie(pid=42, device_index=0, used_memory_mb=110 * 1024, command_line="python -m vllm.x",
+                                reason="holds 110.0 GB", killable=True)
     stuck = {"ready_idle": {"active": True, "ready_tasks": 2, "idle_seconds": 7200},
              "over_max_runs": {"active": False}, "no_completion": {"active": False}}
     snapshot = gpu.GpuSnapshot(False, "no NVML here")
 
     def health(review_at: int):
-        return ops_view.assemble_health(
+        return home_view.assemble_health(
             now=10_000, host="h", specs=[], states={}, runner=runner, capacity_used=1, capacity_total=1,
             snapshot=snapshot, zombies=[zombie],
             disks=[DiskUsage(Path("/data"), Path("/"), 100, 91, 9, 91.0)], disk_threshold=85,
@@ -356,22 +473,22 @@ def test_red_items_name_zombies_disks_and_only_fresh_stuck_signals():
     red = health(review_at=9_000).red()
     assert red[0].startswith("GPU zombie: would kill pid 42")
     assert red[1] == "disk /data is 91% full (disk.threshold_percent = 85)"
-    assert red[2] == "stuck: 2 ready task(s) but no run started for 2h00m"
+    assert red[2] == "stuck: 2 ready tasks but no run started for 2h00m"
     assert len(health(review_at=1_000).red()) == 2  # a review that old does not speak for now
     assert health(review_at=9_000).gpu_summary == "no NVML: no NVML here"
 
 
 def test_csv_escapes_formulas_and_filters_keep_choices():
-    from sparkops.ui import ops_view
+    from sparkops.ui import events_view
 
     frame = pd.DataFrame({"a": ["=1+1", "+x", "-y", "@z", "plain", "'q"], "n": [1, 2, 3, 4, 5, 6]})
-    back = pd.read_csv(io.BytesIO(ops_view.csv_bytes(frame)), dtype=str)
+    back = pd.read_csv(io.BytesIO(events_view.csv_bytes(frame)), dtype=str)
     assert back["a"].tolist() == ["'=1+1", "'+x", "'-y", "'@z", "plain", "''q"]
-    assert ops_view.filter_text(frame, "PLAIN")["n"].tolist() == [5]
-    assert ops_view.filter_in(frame, "a", [])["n"].tolist() == [1, 2, 3, 4, 5, 6]
-    assert ops_view.options(["b", "a"], ["c", ""], ["zz"]) == ["a", "b", "c", "zz"]
-    assert ops_view.since_epoch("last hour", at=7290) == 3660  # to the minute
-    assert ops_view.since_epoch("all time", at=7290) is None
+    assert events_view.filter_text(frame, "PLAIN")["n"].tolist() == [5]
+    assert events_view.filter_in(frame, "a", [])["n"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert events_view.options(["b", "a"], ["c", ""], ["zz"]) == ["a", "b", "c", "zz"]
+    assert events_view.since_epoch("last hour", at=7290) == 3660  # to the minute
+    assert events_view.since_epoch("all time", at=7290) is None
 
 
 def test_fleet_page_shows_each_host_its_runs_and_the_hosts_that_are_down(app_env):
@@ -397,5 +514,5 @@ def test_fleet_page_shows_each_host_its_runs_and_the_hosts_that_are_down(app_env
     row = frame[frame["host"] == "spark-2"].iloc[0]
     assert row["state"] == "🔴 down" and row["runs"] == "1/2"
     assert row["GPUs"] == "NVIDIA GB10 (unified)" and row["labels"] == "gpu=gb10"
-    assert [e.label for e in at.expander] == ["spark-2 · 1 run(s)"]
+    assert [e.label for e in at.expander] == ["spark-2 · 1 run"]
     assert list(at.dataframe[1].value["title"]) == ["held by spark-2"]

@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import NOW, make_settings, run_page
-from sparkops import gpu_smi, remote, remote_gpu
-from sparkops.store import open_store
+
+from sparkops.remote import gpu as remote_gpu
+from sparkops.remote import gpu_smi
+from sparkops.remote import ssh as remote
+from sparkops.storage.store import open_store
 
 HOST = "gb10-test"
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia_smi"
@@ -65,7 +67,7 @@ def test_home_and_jobs_show_the_tunnel_down_in_red_and_the_push(app_env):
         ("tunnel", "vps", "down"), ("push", "vps", "ok"), ("gpu", "spark1", "not run yet")]
     assert frame["detail"][0].startswith("cannot open vps")
     assert [b.label for b in jobs_page.button if b.key in ("jobs.run.push", "jobs.run.tunnel",
-                                                            "jobs.run.remote-gpu")] == ["Run now"] * 3
+                                                           "jobs.run.remote-gpu")] == ["Run now"] * 3
 
 
 def test_the_gpu_page_shows_another_hosts_gb10(app_env):

@@ -16,15 +16,18 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, make_settings, run_page
-from fake_nvml import GIB, LIBRARY_NOT_FOUND, NOT_SUPPORTED, Fail, FakeDevice, FakeNvml
 from sqlalchemy import select
 
-from sparkops import board, services
-from sparkops.export import PHASE_COLUMNS, RUN_COLUMNS, TASK_COLUMNS, read_csv_rows
-from sparkops.jobs import JobContext, run_job
-from sparkops.schema import ops_audit, ops_gpu_samples
-from sparkops.store import open_store
-from sparkops.ui import review_view
+from sparkops.board import model
+from sparkops.board import transitions as board
+from sparkops.jobs.framework import JobContext
+from sparkops.runner.registry import run_job
+from sparkops.sprint.export import PHASE_COLUMNS, RUN_COLUMNS, TASK_COLUMNS, read_csv_rows
+from sparkops.storage.schema import ops_audit, ops_gpu_samples
+from sparkops.storage.store import open_store
+from sparkops.ui import data
+from sparkops.watch import services
+from sparkops.watch.nvml_fake import GIB, LIBRARY_NOT_FOUND, NOT_SUPPORTED, Fail, FakeDevice, FakeNvml
 
 FIXTURE_DB = ROOT / "tests" / "fixtures" / "hermes_board.db"
 GPU_PAGE, REVIEW_PAGE = "pages/3_GPU.py", "pages/4_Sprint_review.py"
@@ -37,7 +40,7 @@ def app_env(app_env, monkeypatch):
     """conftest's app env with no model for the review's narrative and no NVML
     unless a test sets one."""
     monkeypatch.setenv("SPARKOPS_REVIEW_MODEL_URL", "")
-    monkeypatch.setattr(review_view, "NVML", FakeNvml(init_error=LIBRARY_NOT_FOUND))
+    monkeypatch.setattr(data, "NVML", FakeNvml(init_error=LIBRARY_NOT_FOUND))
     return app_env
 
 
@@ -67,7 +70,7 @@ def busy_board(tmp_path: Path) -> JobContext:
     """The demo sprint, more work done in the last hours (phase P1 finished), a
     task running, a failed run, titles a spreadsheet would run, a review report,
     GPU samples and a vLLM state."""
-    from sparkops.demo import seed_demo
+    from sparkops.demo.sprint import seed_demo
 
     ctx = job_ctx(tmp_path)
     db, now = ctx.store.board, int(time.time())
@@ -77,7 +80,7 @@ def busy_board(tmp_path: Path) -> JobContext:
         run = board.claim(db, task_id, lock="demo:0", now=now - 7000 + n * 1200).run_id
         board.complete(db, task_id, run_id=run, summary="done", now=now - 6000 + n * 1800)
     run = board.claim(db, endpoints, lock="demo:0", now=now - 2900).run_id
-    board.fail(db, endpoints, run_id=run, outcome=board.Outcome.CRASHED, error="worker crashed",
+    board.fail(db, endpoints, run_id=run, outcome=model.Outcome.CRASHED, error="worker crashed",
                failure_limit=3, now=now - 2000)
     board.claim(db, endpoints, lock="demo:0", now=now - 600)  # running now
     for title in INJECTIONS:
@@ -139,7 +142,7 @@ def test_pages_on_an_empty_board(app_env):
 
 def test_pages_on_a_busy_sprint(app_env, monkeypatch):
     busy_board(app_env)
-    monkeypatch.setattr(review_view, "NVML",
+    monkeypatch.setattr(data, "NVML",
                         FakeNvml(FakeDevice(name="NVIDIA H100 80GB HBM3", compute=[(os.getpid(), GIB)])))
 
     gpu_page = run_page(GPU_PAGE)
@@ -207,7 +210,7 @@ def test_gpu_page_shows_unified_memory_and_the_process(app_env, gpu_worker, monk
     ctx = job_ctx(app_env)
     gb10 = FakeDevice(name="NVIDIA GB10", memory=Fail(NOT_SUPPORTED), power_mw=Fail(NOT_SUPPORTED),
                       compute=[(gpu_worker.pid, 30 * GIB)])
-    monkeypatch.setattr(review_view, "NVML", FakeNvml(gb10))
+    monkeypatch.setattr(data, "NVML", FakeNvml(gb10))
     at = run_page(GPU_PAGE)
     assert_clean(at)
     shown = texts(at)

@@ -15,17 +15,25 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import NOW, gone, make_settings, wait_for
-from fake_nvml import GIB, FakeDevice, FakeNvml
 from sqlalchemy import select
 
-from sparkops import board, services
-from sparkops.jobs import JobContext, run_job
-from sparkops.schema import ops_alerts
-from sparkops.store import open_store
+from sparkops.board import runs
+from sparkops.board import transitions as board
+from sparkops.jobs.framework import JobContext
+from sparkops.runner.registry import run_job
+from sparkops.storage.schema import ops_alerts, ops_job_runs
+from sparkops.storage.store import open_store
+from sparkops.watch import services
+from sparkops.watch.nvml_fake import GIB, FakeDevice, FakeNvml
 
 FAKE_VLLM = Path(__file__).parent / "fixtures" / "fake_vllm.py"
 REDIS = shutil.which("redis-server")
 OFF = {name: {"enabled": False} for name in ("vllm", "gateway", "redis", "ui", "tunnel")}
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def free_port() -> int:
@@ -37,9 +45,11 @@ def free_port() -> int:
 class Watch:
     """A store, settings with the given services, and watchdog passes at given times."""
 
-    def __init__(self, tmp_path: Path, services_: dict, **env: str):
+    def __init__(self, tmp_path: Path, services_: dict, *, defaults: tuple[str, ...] = (), **env: str):
+        """``defaults``: seed services left as they are by default (not declared)."""
         self.tmp_path = tmp_path
-        self.env = {"SPARKOPS_SERVICES": json.dumps({**OFF, **services_}), **env}
+        off = {name: value for name, value in OFF.items() if name not in defaults}
+        self.env = {"SPARKOPS_SERVICES": json.dumps({**off, **services_}), **env}
         self.settings = make_settings(tmp_path, **self.env)
         self.store = open_store(self.settings, create=True, now=NOW)
         self.ctx = JobContext.create(self.settings, self.store)
@@ -64,7 +74,7 @@ class Watch:
                     conn.execute(select(ops_alerts).order_by(ops_alerts.c.id))]
 
     def close(self) -> None:
-        for proc in self.ctx.memo.get("restart_procs", []):
+        for proc in self.ctx.restarts:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -108,7 +118,7 @@ def test_a_dead_vllm_is_restarted_through_its_restart_argv_and_recovers(tmp_path
     assert (watch.state("vllm").status, watch.state("vllm").consecutive_failures) == ("down", 1)
     result = watch.run(NOW + 120)
     assert "restarted vllm" in result.summary
-    [restarted] = watch.ctx.memo["restart_procs"]
+    [restarted] = watch.ctx.restarts
     assert "fake_vllm.py" in " ".join(psutil.Process(restarted.pid).cmdline())
     wait_for(lambda: services.check(watch.settings.services[0]).ok, "the restarted vLLM", proc=restarted)
     watch.run(NOW + 130)  # inside the start grace: the check is fine anyway
@@ -155,7 +165,7 @@ def test_a_stopped_redis_is_brought_back(tmp_path, watches):
     redis.terminate()
     redis.wait()
     assert "restarted redis" in watch.run(NOW + 60).summary
-    [back] = watch.ctx.memo["restart_procs"]
+    [back] = watch.ctx.restarts
     wait_for(lambda: services.check(spec).ok, "redis to be back", proc=back)
     watch.run(NOW + 120)
     assert watch.state("redis").status == "up"
@@ -226,7 +236,7 @@ def test_stale_runs_are_reported_not_closed(tmp_path, watches):
     [stale] = result.details["stale"]
     assert (stale["task_id"], stale["outcome"]) == (task, "spawn_failed")
     assert "stale run" in result.summary
-    assert board.count_open_runs(watch.store.board, watch.ctx.host) == 1  # the reclaimer's job
+    assert runs.count_open_runs(watch.store.board, watch.ctx.host) == 1  # the reclaimer's job
 
 
 def test_a_dry_run_changes_nothing(tmp_path, watches):
@@ -236,4 +246,37 @@ def test_a_dry_run_changes_nothing(tmp_path, watches):
     result = watch.run(NOW, dry_run=True)
     assert result.summary.startswith("dry run: would restart gateway")
     assert watch.state("gateway") is None and watch.alerts() == []
-    assert "restart_procs" not in watch.ctx.memo
+    assert watch.ctx.restarts == []  # nothing was started
+
+
+def test_a_pass_says_what_is_down_and_what_it_did_not_look_at(tmp_path, watches):
+    """"All well" covers only what was looked at: a declared service that fails is
+    said (in a dry run too, before it counts for a restart) and counted as a
+    problem; a seed default not found here is "not configured"; no NVML is "GPU not
+    checked"."""
+    watch = watches(tmp_path, {"redis": {"check": "tcp", "port": free_port()}}, defaults=("gateway",))
+    gateway = next(s for s in watch.settings.services if s.name == "gateway")
+    assert not gateway.declared and not listening(gateway.port)  # the seed's gateway port: nothing here
+    no_gpu = FakeNvml(init_error=12)
+
+    dry = run_job(watch.ctx, "watchdog", now=NOW, dry_run=True, nvml=no_gpu)
+    assert dry.summary.startswith("dry run: redis down: "), dry.summary
+    assert dry.problems == 1
+    result = watch.run(NOW, nvml=no_gpu)
+    assert result.summary.startswith("redis down: "), result.summary
+    assert "(not configured here (not found): gateway; GPU not checked: " in result.summary
+    assert result.problems == 1
+    assert watch.state("gateway").status == "not_configured" and watch.alerts() == []
+
+    # a watchdog that found a problem is recorded though it did nothing (the Jobs page shows it)
+    with watch.store.ops.read() as conn:
+        recorded = conn.execute(select(ops_job_runs.c.outcome, ops_job_runs.c.problems)).all()
+    assert recorded == [("ok", 1), ("ok", 1)]  # the dry run and the pass
+
+
+def test_all_well_only_when_nothing_is_wrong_and_names_what_is_not_here(tmp_path, watches):
+    watch = watches(tmp_path, {}, defaults=("gateway",))
+    assert not listening(4860)
+    result = watch.run(NOW, nvml=FakeNvml(init_error=12))
+    assert result.summary.startswith("all well (not configured here (not found): gateway; GPU not checked")
+    assert result.problems == 0

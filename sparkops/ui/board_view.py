@@ -1,6 +1,6 @@
 """Reads and view helpers for the Board and Runs pages.
 
-Cached reads go through :mod:`sparkops.queries` and :mod:`sparkops.phases` with
+Cached reads go through :mod:`sparkops.board.queries` and :mod:`sparkops.board.phases` with
 ``st.cache_data`` for :data:`sparkops.ui.data.READ_TTL_SECONDS`, keyed by the
 database URL like :mod:`sparkops.ui.data` (no SQL here). :func:`forget` drops them
 after a button changed the board, so the next render shows the change at once.
@@ -11,7 +11,6 @@ tables, a run's host and pid, a log's last lines), with no Streamlit calls.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from sparkops import phases as phases_mod
-from sparkops import queries
-from sparkops.db import Database
-from sparkops.ui import views
+from sparkops.board import phases as phases_mod
+from sparkops.board import queries
+from sparkops.engine import dispatch
+from sparkops.storage.db import Database
+from sparkops.ui import data, views
 from sparkops.ui.data import READ_TTL_SECONDS, AppContext
 
 #: Seconds the phase map is kept (explicit phases, title tags and dependency depth
@@ -45,7 +45,8 @@ _RESULT_KEY = "sparkops_board_result"
 # -- cached reads --------------------------------------------------------------------------
 
 
-def board_slice(db: Database, filters: Mapping[str, Any], *, show_archived: bool, phase_of: Mapping[str, tuple[str, str]],
+def board_slice(db: Database, filters: Mapping[str, Any], *, show_archived: bool,
+                phase_of: Mapping[str, tuple[str, str]],
                 per_status: int) -> queries.BoardSlice:
     """The board's columns for these filters (text, assignee, phase, priority):
     counts per status and the first ``per_status`` cards of each."""
@@ -55,9 +56,22 @@ def board_slice(db: Database, filters: Mapping[str, Any], *, show_archived: bool
                         show_archived, ids, per_status)
 
 
+def hermes_skips_note(ctx: AppContext) -> str | None:
+    """In dispatch.mode = hermes, what Hermes' dispatcher will not start, in words."""
+    if ctx.settings["dispatch.mode"] != "hermes":
+        return None
+    count = _unassigned_ready(ctx.store.board, ctx.store.board.url)
+    if not count:
+        return None
+    return (f"{count:,} ready task(s) have no assignee: Hermes' dispatcher (dispatch.mode = hermes) "
+            "skips them. Give each an assignee (a Hermes profile), or set kanban.default_assignee "
+            "in Hermes' config.")
+
+
+@data.cached(READ_TTL_SECONDS)
 def board_options(db: Database, *, include_archived: bool = False) -> dict[str, list[Any]]:
     """``{"assignees": [...], "priorities": [...]}`` present on the board."""
-    return _board_options(db, db.url, include_archived)
+    return queries.board_options(db, include_archived=include_archived)
 
 
 def titles(db: Database, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -65,41 +79,47 @@ def titles(db: Database, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     return _titles(db, db.url, tuple(sorted(set(ids))))
 
 
+@data.cached(READ_TTL_SECONDS)
 def open_tasks(db: Database) -> dict[str, str]:
     """``{id: title}`` of the newest :data:`PARENT_CHOICES` open tasks (the new-task form's parents)."""
-    return _open_tasks(db, db.url)
+    return {t["id"]: t["title"] for t in queries.open_tasks(db, limit=PARENT_CHOICES)}
 
 
+@data.cached(READ_TTL_SECONDS)
 def task_detail(db: Database, task_id: str) -> dict[str, Any]:
     """The task with parents, children, comments, events and runs (raises NotFound)."""
-    return _task_detail(db, db.url, task_id)
+    return queries.task_detail(db, task_id)
 
 
 def phase_map(ctx: AppContext) -> dict[str, tuple[str, str]]:
-    """``{task_id: (phase, source)}`` from :func:`sparkops.phases.resolve`, kept
+    """``{task_id: (phase, source)}`` from :func:`sparkops.board.phases.resolve`, kept
     :data:`PHASE_TTL_SECONDS` (phases move slowly; resolving reads every task)."""
     board, ops = ctx.store.board, ctx.store.ops
     patterns = tuple(ctx.settings["review.phase_patterns"])
     return _phase_map(board, ops, board.url, ops.url, patterns)
 
 
+@data.cached(READ_TTL_SECONDS)
 def runs(db: Database, *, active_only: bool = False, limit: int = 200) -> list[dict[str, Any]]:
     """Runs, newest first."""
-    return _runs(db, db.url, active_only, limit)
+    return queries.list_runs(db, active_only=active_only, limit=limit)
 
 
+@data.cached(READ_TTL_SECONDS)
 def task_runs(db: Database, task_id: str) -> list[dict[str, Any]]:
     """One task's runs, newest first (raises NotFound)."""
-    return _task_runs(db, db.url, task_id)
+    return queries.list_runs(db, task_id=task_id, limit=1000)
 
 
 def forget() -> None:
     """Drop the cached reads of this module (after a write)."""
-    for fn in (_board_slice, _board_options, _titles, _open_tasks, _task_detail, _phase_map, _runs, _task_runs):
+    for fn in (_board_slice, board_options, _titles, open_tasks, task_detail, _phase_map, runs, task_runs,
+               _unassigned_ready):
         fn.clear()
 
 
-# Leading underscores: Streamlit does not hash those arguments; the URL is the key.
+# These take arguments the public functions above normalise first (the key must be
+# hashable and stable); leading underscores: Streamlit does not hash those, the URL is the key.
 
 @st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
 def _board_slice(_db: Database, url: str, text: str, assignee: str | None, priority: int | None,
@@ -110,8 +130,8 @@ def _board_slice(_db: Database, url: str, text: str, assignee: str | None, prior
 
 
 @st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
-def _board_options(_db: Database, url: str, include_archived: bool) -> dict[str, list[Any]]:
-    return queries.board_options(_db, include_archived=include_archived)
+def _unassigned_ready(_db: Database, url: str) -> int:
+    return queries.unassigned_ready(_db)
 
 
 @st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
@@ -119,31 +139,11 @@ def _titles(_db: Database, url: str, ids: tuple[str, ...]) -> dict[str, dict[str
     return queries.titles(_db, ids)
 
 
-@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
-def _open_tasks(_db: Database, url: str) -> dict[str, str]:
-    return {t["id"]: t["title"] for t in queries.open_tasks(_db, limit=PARENT_CHOICES)}
-
-
-@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
-def _task_detail(_db: Database, url: str, task_id: str) -> dict[str, Any]:
-    return queries.task_detail(_db, task_id)
-
-
 @st.cache_data(ttl=PHASE_TTL_SECONDS, show_spinner=False)
 def _phase_map(_board: Database, _ops: Database, board_url: str, ops_url: str,
                patterns: tuple[str, ...]) -> dict[str, tuple[str, str]]:
     return {task_id: (p.phase, p.source)
             for task_id, p in phases_mod.resolve(_board, _ops, patterns).items()}
-
-
-@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
-def _runs(_db: Database, url: str, active_only: bool, limit: int) -> list[dict[str, Any]]:
-    return queries.list_runs(_db, active_only=active_only, limit=limit)
-
-
-@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
-def _task_runs(_db: Database, url: str, task_id: str) -> list[dict[str, Any]]:
-    return queries.list_runs(_db, task_id=task_id, limit=1000)
 
 
 # -- an action's outcome, shown after the rerun it causes ---------------------------------------
@@ -171,12 +171,6 @@ def phase_names(phase_of: Mapping[str, tuple[str, str]]) -> list[str]:
     return sorted({phase for phase, _source in phase_of.values()}, key=phases_mod.order_key)
 
 
-def card_markdown(task: dict[str, Any], now: int, phase: str | None) -> str:
-    """:func:`views.card_markdown` with the task's phase."""
-    card = views.card_markdown(task, now)
-    return card + (f" · {views.md_escape(phase)}" if phase else "")
-
-
 def text_block(text: str | None) -> str:
     """Agent-written text as escaped markdown that keeps its line breaks."""
     return "  \n".join(views.md_escape(line) for line in (text or "").splitlines())
@@ -184,19 +178,24 @@ def text_block(text: str | None) -> str:
 
 def task_facts(task: dict[str, Any], phase: tuple[str, str] | None, now: int) -> str:
     """One line about a task for its detail view."""
-    facts = [f"`{task['id']}`", views.status_label(task["status"]),
+    facts = [views.code(task['id']), views.status_label(task["status"]),
              f"@{views.md_escape(task.get('assignee') or 'unassigned')}",
              f"priority {task.get('priority') or 0}"]
     if phase:
         facts.append(f"phase {views.md_escape(phase[0])} ({phase[1]})")
-    facts.append(f"created {views.duration(now - task['created_at'])} ago")
+    facts.append(f"created {views.since(now, task['created_at'])} ago")
     if task.get("started_at"):
         facts.append(f"started {views.when(task['started_at'])}")
     if task.get("completed_at"):
         facts.append(f"completed {views.when(task['completed_at'])}")
     if task.get("consecutive_failures"):
         facts.append(f"⚠️ {task['consecutive_failures']} failure(s) in a row")
-    return " · ".join(facts)
+    line = " · ".join(facts)
+    note = views.block_note(task, limit=None)
+    if note:
+        since = f" (since {views.when(task['blocked_at'])})" if task.get("blocked_at") else ""
+        line += f"  \n{note}{since}"
+    return line
 
 
 def link_lines(ids: Iterable[str], tasks_by_id: Mapping[str, dict[str, Any]]) -> list[str]:
@@ -205,9 +204,9 @@ def link_lines(ids: Iterable[str], tasks_by_id: Mapping[str, dict[str, Any]]) ->
     for task_id in ids:
         task = tasks_by_id.get(task_id)
         if task is None:
-            lines.append(f"`{task_id}`")
+            lines.append(views.code(task_id))
         else:
-            lines.append(f"`{task_id}` {views.status_label(task['status'])} · "
+            lines.append(f"{views.code(task_id)} {views.status_label(task['status'])} · "
                          f"{views.md_escape(task['title'])}")
     return lines
 
@@ -289,12 +288,13 @@ def filter_runs(runs_: Iterable[dict[str, Any]], *, outcome: str | None = None, 
 
 
 RUN_COLUMNS = ["run", "task", "title", "assignee", "outcome", "started", "duration", "host", "pid",
-               "error"]
+               "summary or error"]
 
 
 def runs_frame(runs_: Iterable[dict[str, Any]], now: int,
                titles: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """Runs for a table: outcome, duration, host, pid and the error (or summary)."""
+    """Runs for a table: outcome, duration, host, pid and what the run said: its
+    error when it failed, else its summary (the outcome says which)."""
     rows = [{
         "run": r["id"],
         "task": r["task_id"],
@@ -305,10 +305,14 @@ def runs_frame(runs_: Iterable[dict[str, Any]], now: int,
         "duration": views.duration(run_duration(r, now)),
         "host": run_host(r),
         "pid": run_pid(r),
-        "error": (r.get("error") or r.get("summary") or "").strip().splitlines()[0][:200]
-        if (r.get("error") or r.get("summary") or "").strip() else "",
+        "summary or error": _first_line(r.get("error") or r.get("summary")),
     } for r in runs_]
     return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"pid": "Int64"})
+
+
+def _first_line(text: str | None, limit: int = 200) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0][:limit] if lines else ""
 
 
 def run_label(run: dict[str, Any], titles: Mapping[str, str] | None = None) -> str:
@@ -319,7 +323,7 @@ def run_label(run: dict[str, Any], titles: Mapping[str, str] | None = None) -> s
 
 def run_facts(run: dict[str, Any], now: int) -> str:
     """One markdown line about a run."""
-    facts = [f"run {run['id']}", f"task `{run['task_id']}`", run_outcome(run),
+    facts = [f"run {run['id']}", f"task {views.code(run['task_id'])}", run_outcome(run),
              f"started {views.when(run.get('started_at'))}",
              ("running for " if run.get("ended_at") is None else "took ")
              + views.duration(run_duration(run, now))]
@@ -329,7 +333,7 @@ def run_facts(run: dict[str, Any], now: int) -> str:
     if pid:
         facts.append(f"pid {pid}")
     if run.get("last_heartbeat_at") and run.get("ended_at") is None:
-        facts.append(f"heartbeat {views.duration(now - run['last_heartbeat_at'])} ago")
+        facts.append(f"heartbeat {views.since(now, run['last_heartbeat_at'])} ago")
     return " · ".join(facts)
 
 
@@ -339,18 +343,11 @@ def run_facts(run: dict[str, Any], now: int) -> str:
 def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = LOG_TAIL_BYTES) -> str | None:
     """The last ``lines`` lines of a log (from at most its last ``max_bytes``), or
     None when the file does not exist or cannot be read."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            start = max(0, size - max_bytes)
-            fh.seek(start)
-            data = fh.read()
-    except OSError:
+    end = dispatch.read_log_end(path, max_bytes)
+    if end is None:
         return None
-    text = data.decode("utf-8", "replace")
-    kept = text.splitlines()
-    if start > 0 and kept:
+    kept, cut = end
+    if cut and kept:
         kept = kept[1:]  # the first line read is probably cut
     return "\n".join(kept[-lines:]) if lines > 0 else ""
 

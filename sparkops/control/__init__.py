@@ -1,0 +1,1 @@
+"""What an operator does: audited actions and the playbook of diagnoses and fixes."""

@@ -1,0 +1,1 @@
+"""Plain building blocks with no SparkOps state: errors, the clock, process identity."""

@@ -1,0 +1,1 @@
+"""The demo: a living sprint, the demo agent and a simulated vLLM."""

@@ -1,0 +1,1 @@
+"""Other hosts over SSH: verified connections, the push, the tunnel, remote GPUs."""

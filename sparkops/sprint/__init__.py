@@ -1,0 +1,1 @@
+"""The sprint's numbers: metrics, the review report, the CSV and JSON export."""
