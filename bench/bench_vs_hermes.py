@@ -9,7 +9,10 @@ round a fresh process and a fresh SQLite board in a temporary directory:
   complete and claim+complete apart.
 * **the report process**: a worker's report as a fresh process, as an agent sends it:
   ``python -m sparkops task complete T --run R`` against ``hermes kanban complete T``,
-  on a board of claimed tasks; wall time per report.
+  on a board of claimed tasks; wall time per report. SparkOps' report is timed twice:
+  from under the task's live shim (a real ``sparkops.engine.shim`` whose agent waits;
+  the report is handed to the shim, as every agent's is) and with no shim (the
+  report process makes it itself).
 
 Talks to nothing but files in a temporary directory. Prints a markdown table for
 docs/benchmarks.md.
@@ -122,24 +125,55 @@ def _claim_all(tool: str, db: str, n: int) -> list[tuple[str, int]]:
     return out
 
 
-def report_times(tool: str, n: int) -> list[float]:
+#: The agent of a shim in the report benchmark: leaves its environment (the report
+#: socket and token the shim gave it) for the benchmark, then waits.
+WAITING_AGENT = ["{python}", "-c", "import json, os, time; json.dump(dict(os.environ), open('env.tmp', 'w')); "
+                 "os.rename('env.tmp', 'env.json'); time.sleep(60)"]
+
+
+def report_times(tool: str, n: int, *, via_shim: bool = False) -> list[float]:
     with tempfile.TemporaryDirectory(prefix=f"bench-report-{tool}-") as tmp:
         directory = Path(tmp)
         db, claimed = claimed_board(tool, directory, n)
         env = _env(directory, db)
         times = []
         for task_id, run_id in claimed:
+            shim = None
             if tool == "hermes":
                 argv = [str(HERMES_BIN), "kanban", "complete", task_id, "--result", "ok"]
             else:
                 argv = [sys.executable, "-m", "sparkops", "task", "complete", task_id, "--run", str(run_id),
                         "--result", "ok"]
+            report_env = env
+            if via_shim:
+                shim, report_env = _shim_for(directory, env, task_id, run_id)
             t0 = time.perf_counter()
-            done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=directory)
+            done = subprocess.run(argv, capture_output=True, text=True, env=report_env, cwd=directory)
             times.append(time.perf_counter() - t0)
             if done.returncode != 0:
                 raise SystemExit(f"{tool} report failed: {done.stderr.strip()[:300]}")
+            if shim is not None:
+                shim.wait(timeout=60)
         return times
+
+
+def _shim_for(directory: Path, env: dict[str, str], task_id: str, run_id: int
+              ) -> tuple[subprocess.Popen, dict[str, str]]:
+    """A real shim for the run, its agent waiting: (the shim, the agent's environment)."""
+    shim_env = {**env, "SPARKOPS_DISPATCH_AGENT_ARGV": json.dumps(WAITING_AGENT),
+                "SPARKOPS_DISPATCH_WORKSPACE_ROOT": str(directory / "workspaces"),
+                "SPARKOPS_DISPATCH_RUN_LOG_ROOT": str(directory / "logs"),
+                "SPARKOPS_DISPATCH_REPORT_EXIT_GRACE_SECONDS": "0"}
+    shim = subprocess.Popen([sys.executable, "-m", "sparkops.engine.shim", task_id, str(run_id)], env=shim_env,
+                            cwd=directory, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    left = directory / "workspaces" / task_id / "env.json"
+    deadline = time.monotonic() + 60
+    while not left.exists():
+        if shim.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the shim of {task_id} did not start its agent (exit {shim.poll()})")
+        time.sleep(0.01)
+    return shim, json.loads(left.read_text())
 
 
 def _env(directory: Path, db: Path | None = None) -> dict[str, str]:
@@ -182,7 +216,7 @@ def main() -> None:
         raise SystemExit(f"no Hermes at {HERMES_BIN}: run ./scripts/test once (it installs .venv-hermes)")
     n = args.tasks
     rows: dict[str, list[dict[str, float]]] = {"hermes": [], "sparkops": []}
-    reports: dict[str, list[float]] = {"hermes": [], "sparkops": []}
+    reports: dict[str, list[float]] = {"hermes": [], "sparkops": [], "sparkops-shim": []}
     for r in range(args.rounds):
         order = ("hermes", "sparkops") if r % 2 == 0 else ("sparkops", "hermes")
         for tool in order:
@@ -191,10 +225,11 @@ def main() -> None:
             print(f"round {r + 1} {tool:<8}: create {n / result['create_s']:7.0f}/s, "
                   f"claim+complete {n / result['claim_complete_s']:7.0f}/s, "
                   f"all three {n / (result['create_s'] + result['claim_complete_s']):7.0f} tasks/s", file=sys.stderr)
-        for tool in order:
-            times = report_times(tool, args.reports)
-            reports[tool] += times
-            print(f"round {r + 1} {tool:<8}: report median {statistics.median(times):.3f} s", file=sys.stderr)
+        for tool, via_shim in [(tool, False) for tool in order] + [("sparkops", True)]:
+            times = report_times(tool, args.reports, via_shim=via_shim)
+            reports[tool + ("-shim" if via_shim else "")] += times
+            print(f"round {r + 1} {tool:<8}: report {'through its shim ' if via_shim else ''}median "
+                  f"{statistics.median(times):.3f} s", file=sys.stderr)
 
     def rate(tool: str, key: str | None) -> list[float]:
         return [n / (x["create_s"] + x["claim_complete_s"] if key is None else x[key]) for x in rows[tool]]
@@ -208,8 +243,11 @@ def main() -> None:
         h, s = rate("hermes", key), rate("sparkops", key)
         print(f"| {label} | {min(h):.0f}-{max(h):.0f} | {min(s):.0f}-{max(s):.0f} | "
               f"{statistics.median(s) / statistics.median(h):.2f} |")
-    h, s = statistics.median(reports["hermes"]), statistics.median(reports["sparkops"])
-    print(f"| a worker's report as a process, median s | {h:.3f} | {s:.3f} | {s / h:.2f} |")
+    h = statistics.median(reports["hermes"])
+    for label, key in (("a worker's report as a process, through its shim, median s", "sparkops-shim"),
+                       ("a worker's report as a process, no shim, median s", "sparkops")):
+        s = statistics.median(reports[key])
+        print(f"| {label} | {h:.3f} | {s:.3f} | {s / h:.2f} |")
 
 
 if __name__ == "__main__":

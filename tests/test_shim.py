@@ -517,3 +517,49 @@ def test_run_closed_before_the_shim_starts_changes_nothing(bench):
     assert bench.detail(task_id) == before
     assert not bench.workspace(task_id).exists()  # nothing was prepared, nothing started
     assert "no longer current" in bench.log(change)
+
+
+# -- the agent's report handed to its shim ------------------------------------------------
+
+def report_in_process(*, shim_gone: bool) -> list[str]:
+    """Agent code: report through ``python -m sparkops`` in this very process (as the
+    CLI would start), then note the report's output and whether SQLAlchemy was
+    imported. ``shim_gone``: the report finds no shim to hand the report to."""
+    return py(f"""
+    import contextlib, io, json, os, runpy, sys
+    if {shim_gone}:
+        del os.environ["SPARKOPS_REPORT_SOCKET"]
+    sys.argv = ["sparkops", "task", "complete", os.environ["SPARKOPS_TASK_ID"], "--result", "shipped"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_module("sparkops", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code
+    with open("report.json", "w") as fh:
+        json.dump({{"code": code, "out": out.getvalue(), "pid": os.getpid(),
+                   "sqlalchemy": "sqlalchemy" in sys.modules}}, fh)
+""")
+
+
+@pytest.mark.parametrize("shim_gone", [False, True], ids=["through-the-shim", "shim-gone"])
+def test_a_report_through_the_shim_is_the_direct_report_without_the_database_layer(any_bench, shim_gone):
+    """The agent's report is made by its shim (the report process imports no
+    SQLAlchemy); with no shim to hand it to, the process makes it itself: the same
+    board, the same output, the same reporter."""
+    task_id = any_bench.task()
+    change = any_bench.claim(task_id)
+
+    any_bench.run(change, report_in_process(shim_gone=shim_gone))
+
+    said = json.loads((any_bench.workspace(task_id) / "report.json").read_text())
+    assert said["code"] == 0 and said["out"] == f"Completed {task_id}: running -> done (run {change.run_id})\n"
+    assert said["sqlalchemy"] is shim_gone
+    detail = any_bench.detail(task_id)
+    assert detail["task"]["status"] == "done" and detail["task"]["result"] == "shipped"
+    assert kinds(detail) == ["created", "claimed", "completed"]
+    [run] = detail["runs"]
+    assert run["outcome"] == "completed" and run["ended_at"] is not None
+    assert run["metadata"]["reporter"]["pid"] == said["pid"]  # the report process, not the shim
+    assert len(run["metadata"]["reporter"]["token"]) == 16
+    assert ("the agent reported" in any_bench.log(change)) is not shim_gone

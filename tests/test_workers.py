@@ -30,6 +30,21 @@ def identity_of(agent: subprocess.Popen | None, shim: Proc | None = None) -> Run
                        agent=procs.describe(agent.pid) if agent is not None else None)
 
 
+def explain(entries: list[workers.Worker]) -> str:
+    """What each entry recorded and what the kernel says of those processes now."""
+    return "entries (run, recorded, /proc now, alive, group): " + repr([
+        (w.run_id, p, procs.stat_of(p.pid), procs.is_alive(p), procs.group_members(p))
+        for w in entries for p in (w.identity.shim, w.identity.agent) if p is not None])
+
+
+def only_live(root: Path) -> workers.Worker:
+    """The one live worker under ``root`` (a failure says why there is not one)."""
+    entries = workers.scan(root)
+    found = workers.live(root)
+    assert len(found) == 1, explain(entries)
+    return found[0]
+
+
 @pytest.fixture
 def procs_started():
     started: list[subprocess.Popen] = []
@@ -45,7 +60,7 @@ def test_a_registered_worker_is_live_until_its_processes_are_gone(tmp_path: Path
     procs_started.append(agent)
     workers.register(tmp_path, "t_00000001", 7, identity_of(agent))
 
-    [worker] = workers.live(tmp_path)
+    worker = only_live(tmp_path)
     assert (worker.task_id, worker.run_id, worker.agent_alive, worker.shim_alive) == ("t_00000001", 7, True, False)
 
     agent.kill()
@@ -66,7 +81,7 @@ def test_a_leftover_in_the_agents_group_keeps_the_worker_live(tmp_path: Path, pr
     agent.wait()
     workers.register(tmp_path, "t_00000002", 8, RunIdentity("h", procs.boot_id(), agent=recorded))
 
-    [worker] = workers.live(tmp_path)
+    worker = only_live(tmp_path)
     assert worker.agent_alive
     assert workers.stop(tmp_path, worker, grace=2).startswith("process group")
     assert workers.live(tmp_path) == []
@@ -90,7 +105,9 @@ def test_strays_are_agents_of_closed_runs_whose_shim_is_gone(tmp_path: Path, pro
     procs_started.append(lone)
     workers.register(tmp_path, "t_b", 2, identity_of(lone))  # shim gone
 
+    entries = workers.scan(tmp_path)
     live = workers.live(tmp_path)
+    assert {w.run_id for w in live} == {1, 2}, explain(entries)
     assert {w.run_id for w in workers.strays(live, open_runs={2})} == set()  # its run is open: keep the claim
     assert {w.run_id for w in workers.strays(live, open_runs=set())} == {2}  # the shim of run 1 will stop it
 
@@ -114,7 +131,7 @@ def test_register_replaces_the_entry_whole(tmp_path: Path, procs_started):
     procs_started.append(agent)
     workers.register(tmp_path, "t_d", 9, RunIdentity("h", procs.boot_id(), shim=procs.describe(os.getpid())))
     workers.register(tmp_path, "t_d", 9, identity_of(agent, shim=procs.describe(os.getpid())))
-    [worker] = workers.live(tmp_path)
+    worker = only_live(tmp_path)
     assert worker.identity.agent.pid == agent.pid
     assert [p.name for p in tmp_path.iterdir()] == ["9.json"]  # no temporaries left
     workers.unregister(tmp_path, 9)

@@ -58,6 +58,8 @@ FAILURE_OUTCOMES = COUNTED_FAILURES | {Outcome.PROTOCOL_VIOLATION, Outcome.RATE_
 
 
 DEFAULT_CLAIM_TTL = 15 * 60
+#: What a block may say it waits for (Hermes' block kinds).
+BLOCK_KINDS = frozenset({"dependency", "needs_input", "capability", "transient"})
 #: How much of an error message a run or event keeps.
 ERROR_EXCERPT = 500
 

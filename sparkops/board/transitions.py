@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from sparkops.board import steps
 from sparkops.board.model import (
+    BLOCK_KINDS,
     COUNTED_FAILURES,
     DEFAULT_CLAIM_TTL,
     ERROR_EXCERPT,
@@ -65,7 +66,6 @@ TRANSITIONS: dict[str, frozenset[Status]] = {
 #: Hermes' BLOCK_RECURRENCE_LIMIT: the same block kind this many times in a row
 #: (with unblocks between) routes the task to triage instead of blocked.
 BLOCK_RECURRENCE_LIMIT = 2
-BLOCK_KINDS = frozenset({"dependency", "needs_input", "capability", "transient"})
 
 #: Columns cleared whenever a task stops being claimed by a run.
 RELEASE_CLAIM = {"claim_lock": None, "claim_expires": None, "worker_pid": None,
@@ -269,7 +269,7 @@ def complete(db: Database, task_id: str, *, run_id: int | None = None,
              now: float | None = None) -> Change:
     """-> ``done``. With ``run_id`` (a worker's report) only that live run may
     complete the task. Children whose parents are now all finished become ready.
-    ``reporter`` (who reported: see :func:`sparkops.core.procs.reporter`) is kept in the
+    ``reporter`` (who reported: see :func:`sparkops.engine.handoff.reporter`) is kept in the
     run's metadata; the shim lets its agent finish only after its own report."""
     ts = epoch(now)
     if reporter:

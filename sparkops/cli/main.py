@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from sqlalchemy.exc import DBAPIError
 
 from sparkops import __version__
-from sparkops.board import transitions as board
-from sparkops.cli import ops, remote, tasks
+from sparkops.cli import ops, remote, report, tasks
 from sparkops.config import load_settings
 from sparkops.core.errors import SparkOpsError, StorageError
-from sparkops.storage.db import retrying
+from sparkops.storage.db import error_line, retrying
 from sparkops.storage.store import Store, open_store
 
 log = logging.getLogger("sparkops")
@@ -81,18 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_id")
 
     p = add(tsub, "complete", tasks.cmd_task_complete, "mark a task done (workers pass --run)")
-    p.add_argument("task_id")
-    p.add_argument("--run", type=int, metavar="RUN_ID",
-                   help="the reporting worker's run; a stale run is refused")
-    p.add_argument("--result")
-    p.add_argument("--summary")
-    p.add_argument("--metadata", help="JSON object stored on the run")
-
+    report.add_complete_arguments(p)
     p = add(tsub, "block", tasks.cmd_task_block, "block a task (workers pass --run)")
-    p.add_argument("task_id")
-    p.add_argument("reason", nargs="*")
-    p.add_argument("--run", type=int, metavar="RUN_ID")
-    p.add_argument("--kind", choices=sorted(board.BLOCK_KINDS))
+    report.add_block_arguments(p)
 
     p = add(tsub, "reclaim", tasks.cmd_task_reclaim,
             "stop a running task's worker on this host, then return the task to ready")
@@ -249,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sparkops: error: {err}", file=sys.stderr)
         return err.exit_code
     except DBAPIError as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        reason = error_line(exc)
         print(f"sparkops: error: database error: {reason}", file=sys.stderr)
         return StorageError.exit_code
     except KeyboardInterrupt:

@@ -10,9 +10,10 @@ import os
 
 from sparkops.board import model, queries, requirements
 from sparkops.board import transitions as board
-from sparkops.cli import output
-from sparkops.core import formatting, procs
+from sparkops.cli import output, report
+from sparkops.core import formatting
 from sparkops.core.errors import InvalidInput
+from sparkops.engine import handoff
 from sparkops.storage.store import Store
 
 
@@ -111,47 +112,27 @@ def actor() -> str:
     return os.environ.get("HERMES_PROFILE") or getpass.getuser()
 
 
-def _run_for(args, task_id: str) -> int | None:
-    """``--run``, or the worker's own run when a worker reports on its own task."""
-    if args.run is not None:
-        return args.run
-    if os.environ.get("SPARKOPS_TASK_ID") == task_id and os.environ.get("SPARKOPS_RUN_ID"):
-        try:
-            return int(os.environ["SPARKOPS_RUN_ID"])
-        except ValueError:
-            raise InvalidInput("SPARKOPS_RUN_ID must be a run number") from None
-    return None
-
-
 def _report(args, change: model.Change, verb: str) -> int:
-    run = f" (run {change.run_id})" if change.run_id else ""
-    output.emit(args, change.as_dict(),
-                lambda: print(f"{verb} {change.task_id}: {change.from_status} -> {change.to_status}{run}"))
+    report.print_change(change.as_dict(), verb, as_json=args.json)
     return 0
 
 
 def cmd_task_complete(args, store: Store) -> int:
-    metadata = None
-    if args.metadata:
-        try:
-            metadata = json.loads(args.metadata)
-        except ValueError:
-            raise InvalidInput("--metadata must be a JSON object, e.g. '{\"tests\": 12}'") from None
-        if not isinstance(metadata, dict):
-            raise InvalidInput("--metadata must be a JSON object, e.g. '{\"tests\": 12}'")
-    run_id = _run_for(args, args.task_id)
+    """The direct path of a report (see :func:`sparkops.cli.report.hand_off` for the fast one)."""
+    metadata = report.metadata_of(args.metadata)
+    run_id = report.run_for(args.task_id, args.run)
     change = board.complete(store.board, args.task_id, run_id=run_id, result=args.result,
                             summary=args.summary, metadata=metadata,
-                            reporter=procs.reporter() if run_id is not None else None)
-    return _report(args, change, "Completed")
+                            reporter=handoff.reporter() if run_id is not None else None)
+    return _report(args, change, report.VERBS["complete"])
 
 
 def cmd_task_block(args, store: Store) -> int:
     reason = " ".join(args.reason).strip() or None
-    run_id = _run_for(args, args.task_id)
+    run_id = report.run_for(args.task_id, args.run)
     change = board.block(store.board, args.task_id, reason=reason, kind=args.kind, run_id=run_id,
-                         reporter=procs.reporter() if run_id is not None else None)
-    return _report(args, change, "Blocked")
+                         reporter=handoff.reporter() if run_id is not None else None)
+    return _report(args, change, report.VERBS["block"])
 
 
 def cmd_task_reclaim(args, store: Store) -> int:

@@ -10,13 +10,12 @@ stranger that inherited a dead worker's pid is left alone.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,48 +103,100 @@ class RunIdentity:
                    shim=Proc.from_dict(data.get("shim")), agent=Proc.from_dict(data.get("agent")))
 
 
+@dataclass(frozen=True)
+class Stat:
+    """What ``/proc/PID/stat`` says of a process: its state letter (``Z`` a zombie,
+    ``X`` dead), process group, session and start (seconds after boot)."""
+
+    state: str
+    pgid: int
+    sid: int
+    start: float
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ("Z", "X", "x")
+
+
+def stat_of(pid: int) -> Stat | None:
+    """One read of ``/proc/PID/stat``; None once the process is gone.
+
+    The liveness checks read the kernel's own line rather than going through
+    psutil: one read gives the start, the state, the group and the session of
+    the same instant, and a dispatcher tick looks at every worker this way."""
+    try:
+        data = (_PROC / str(int(pid)) / "stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:  # no /proc (not Linux)
+        return _stat_by_psutil(pid)
+    fields = data[data.rindex(b")") + 2:].split()  # the name may hold spaces and parentheses
+    return Stat(state=fields[0].decode("ascii", "replace"), pgid=int(fields[2]), sid=int(fields[3]),
+                start=int(fields[19]) / _CLOCK_TICKS)
+
+
+def _stat_by_psutil(pid: int) -> Stat | None:
+    try:
+        proc = psutil.Process(pid)
+        zombie = proc.status() == psutil.STATUS_ZOMBIE
+        return Stat(state="Z" if zombie else "R", pgid=os.getpgid(pid), sid=os.getsid(pid),
+                    start=proc.create_time() - psutil.boot_time())
+    except (psutil.Error, ProcessLookupError):
+        return None
+
+
 def start_of(pid: int) -> float:
     """When ``pid`` started, in seconds after boot: the start time in clock ticks
     from ``/proc/PID/stat``. Unlike psutil's ``create_time()`` (boot time taken from
     the wall clock, plus those ticks), a step of the wall clock (NTP at boot, an
     operator's ``date -s``) does not move it, so a process recorded before a step
     is still recognised after it. Raises ``psutil.NoSuchProcess`` once it is gone."""
-    try:
-        stat = (_PROC / str(pid) / "stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        raise psutil.NoSuchProcess(pid) from None
-    except OSError:  # no /proc (not Linux)
-        return psutil.Process(pid).create_time() - psutil.boot_time()
-    fields = stat[stat.rindex(b")") + 2:].split()  # the name may hold spaces and parentheses
-    return int(fields[19]) / _CLOCK_TICKS
+    stat = stat_of(pid)
+    if stat is None:
+        raise psutil.NoSuchProcess(pid)
+    return stat.start
+
+
+def _same_start(pid: int, stat: Stat, recorded_start: float) -> bool:
+    if recorded_start > EPOCH_START:  # psutil's create_time, in records from before
+        try:
+            return abs(psutil.Process(pid).create_time() - recorded_start) <= START_TOLERANCE
+        except psutil.Error:
+            return False
+    return abs(stat.start - recorded_start) <= START_TOLERANCE
 
 
 def started_as(pid: int, recorded_start: float) -> bool:
     """Did ``pid`` start at ``recorded_start`` (as :func:`start_of` gives it, or
     psutil's create_time in records from before)? Raises ``psutil.NoSuchProcess``."""
-    if recorded_start > EPOCH_START:
-        return abs(psutil.Process(pid).create_time() - recorded_start) <= START_TOLERANCE
-    return abs(start_of(pid) - recorded_start) <= START_TOLERANCE
+    stat = stat_of(pid)
+    if stat is None:
+        raise psutil.NoSuchProcess(pid)
+    return _same_start(pid, stat, recorded_start)
 
 
 def describe(pid: int) -> Proc | None:
     """The identity of a running process, or None if it is gone."""
-    try:
-        return Proc(pid=pid, start=start_of(pid), pgid=os.getpgid(pid), sid=os.getsid(pid))
-    except (psutil.Error, ProcessLookupError):
+    stat = stat_of(pid)
+    if stat is None:
         return None
+    return Proc(pid=pid, start=stat.start, pgid=stat.pgid, sid=stat.sid)
 
 
 def is_alive(recorded: Proc | None) -> bool:
     """True only for the very process that was recorded, still running (not a zombie)."""
     if recorded is None:
         return False
+    stat = stat_of(recorded.pid)
+    # a pid that now belongs to another process has another start
+    return stat is not None and not stat.ended and _same_start(recorded.pid, stat, recorded.start)
+
+
+def _pids() -> list[int]:
     try:
-        if not started_as(recorded.pid, recorded.start):
-            return False  # the pid now belongs to another process
-        return psutil.Process(recorded.pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+        return [int(name) for name in os.listdir(_PROC) if name.isdigit()]
+    except OSError:  # no /proc (not Linux)
+        return psutil.pids()
 
 
 def group_members(recorded: Proc | None) -> list[int]:
@@ -165,21 +216,17 @@ def group_members(recorded: Proc | None) -> list[int]:
     if recorded.sid is None:
         return [recorded.pid] if is_alive(recorded) else []
     if recorded.pgid == recorded.pid:
-        try:
-            if not started_as(recorded.pgid, recorded.start):
-                return []
-        except psutil.Error:
-            pass  # the leader is gone; members may remain
+        leader = stat_of(recorded.pid)
+        if leader is not None and not _same_start(recorded.pid, leader, recorded.start):
+            return []  # the leader's pid is another process now; members may remain if it is gone
     members = []
-    for proc in psutil.process_iter(["pid", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE or os.getpgid(proc.info["pid"]) != recorded.pgid:
-                continue
-            if os.getsid(proc.info["pid"]) != recorded.sid:
-                return []  # the number is another session's group now
-        except (psutil.Error, ProcessLookupError):
+    for pid in _pids():
+        stat = stat_of(pid)
+        if stat is None or stat.ended or stat.pgid != recorded.pgid:
             continue
-        members.append(proc.info["pid"])
+        if stat.sid != recorded.sid:
+            return []  # the number is another session's group now
+        members.append(pid)
     return members
 
 
@@ -226,25 +273,6 @@ def _signal_group(recorded: Proc, sig: signal.Signals) -> None:
         pass
     except (PermissionError, psutil.AccessDenied):
         log.warning("not allowed to signal process group %d", recorded.pgid)
-
-
-#: The shim gives its agent a random token in this variable; a report made with it
-#: (``sparkops task complete|block --run``) is known to be the agent's own.
-REPORT_TOKEN_ENV = "SPARKOPS_REPORT_TOKEN"
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
-
-
-def reporter(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Who is reporting a run's end: this process, and the digest of the report
-    token when it runs under a shim (stored in the run's metadata)."""
-    token = (os.environ if environ is None else environ).get(REPORT_TOKEN_ENV)
-    found: dict[str, Any] = {"pid": os.getpid()}
-    if token:
-        found["token"] = token_digest(token)
-    return found
 
 
 def pid_of(value: Any) -> int | None:

@@ -31,7 +31,7 @@ looks at its run every :data:`WATCH_SECONDS` (on SQLite only when the board's fi
 changed) and, once the run is no longer the task's current open run, stops the
 agent's process group (SIGTERM, ``reclaim.term_grace_seconds``, SIGKILL) and books
 nothing: the run ended as whoever closed it said. Only the agent's own report
-(made with the token the shim gave it, :data:`sparkops.core.procs.REPORT_TOKEN_ENV`)
+(made with the token the shim gave it, :data:`sparkops.engine.handoff.REPORT_TOKEN_ENV`)
 lets it finish, for up to ``dispatch.report_exit_grace_seconds``. An agent killed
 by a stop signal the shim did not send (or exiting 128 + it, as agents that catch
 SIGTERM do: ``hermes kanban reclaim`` SIGTERMs the worker first, then closes the
@@ -65,12 +65,20 @@ from sparkops.board import transitions as board
 from sparkops.board.model import Outcome
 from sparkops.config import Settings, load_settings
 from sparkops.core import json_text, procs
-from sparkops.core.errors import ConfigError, InvalidInput, NotFound, Refused, SparkOpsError, StaleRun
+from sparkops.core.errors import (
+    ConfigError,
+    InvalidInput,
+    NotFound,
+    Refused,
+    SparkOpsError,
+    StaleRun,
+    StorageError,
+)
 from sparkops.core.procs import Proc, RunIdentity
-from sparkops.engine import workers
+from sparkops.engine import handoff, workers
 from sparkops.engine import workspace as workspace_of
 from sparkops.engine.dispatch import log_tail, run_log_path, shim_environment
-from sparkops.storage.db import retrying
+from sparkops.storage.db import error_line, retrying
 from sparkops.storage.schema import task_runs, tasks
 from sparkops.storage.store import Store, open_store
 
@@ -214,7 +222,10 @@ class Shim:
             self.settings, task_id=self.task_id, run_id=self.run_id, workspace=workspace,
             prompt_file=prompt_file, log_file=log_file, claim_lock=self.claim_lock,
             board_path=self.store.board.path)
-        env[procs.REPORT_TOKEN_ENV] = self.report_token
+        env[handoff.REPORT_TOKEN_ENV] = self.report_token
+        listener = self._listen()
+        if listener is not None:
+            env[handoff.SOCKET_ENV] = listener.name
         agent_proc: Proc | None = None
         try:
             log.info("starting agent: %s (cwd %s)", argv, workspace)
@@ -236,7 +247,44 @@ class Shim:
                 return 0  # already booked (timed out), or closed by someone else
             return self._classify(code, workspace, log_file)
         finally:
+            if listener is not None:
+                listener.close()
             self._clear_group(agent_proc)
+
+    def _listen(self) -> handoff.Listener | None:
+        try:
+            return handoff.Listener(task_id=self.task_id, run_id=self.run_id, token=self.report_token,
+                                    handle=self.take_report)
+        except OSError as exc:  # the agent's report process makes its report itself
+            log.warning("cannot listen for the agent's report: %s", exc)
+            return None
+
+    def take_report(self, request: dict[str, Any], pid: int) -> dict[str, Any]:
+        """The agent's report, handed over by its report process ``pid`` (on the
+        listener's thread): the change, or the error the direct path would give."""
+        reporter = {"pid": pid, "token": handoff.token_digest(self.report_token)}
+        try:
+            if request.get("verb") == "complete":
+                metadata = request.get("metadata")
+                if metadata is not None and not isinstance(metadata, dict):
+                    raise InvalidInput("--metadata must be a JSON object")
+                change = self._retrying(lambda: board.complete(
+                    self.store.board, self.task_id, run_id=self.run_id, result=_text(request, "result"),
+                    summary=_text(request, "summary"), metadata=metadata, reporter=reporter),
+                    "the agent's report")
+            elif request.get("verb") == "block":
+                change = self._retrying(lambda: board.block(
+                    self.store.board, self.task_id, reason=_text(request, "reason"),
+                    kind=_text(request, "kind"), run_id=self.run_id, reporter=reporter),
+                    "the agent's report")
+            else:
+                raise InvalidInput(f"a report is complete or block, not {request.get('verb')!r}")
+        except SparkOpsError as err:
+            return {"error": str(err), "code": err.exit_code}
+        except DBAPIError as exc:
+            return {"error": f"database error: {error_line(exc)}", "code": StorageError.exit_code}
+        log.info("the agent reported: %s", change.as_dict())
+        return {"change": change.as_dict()}
 
     def _supervise(self, agent: subprocess.Popen, agent_proc: Proc, started_at: int) -> int | None:
         """Wait for the agent, watching the run and heartbeating; enforce the max
@@ -384,7 +432,7 @@ class Shim:
         return state
 
     def _own_report(self, state: RunState) -> bool:
-        return state.reporter.get("token") == procs.token_digest(self.report_token)
+        return state.reporter.get("token") == handoff.token_digest(self.report_token)
 
     def _identity(self, agent: Proc | None) -> RunIdentity:
         return RunIdentity(self.host, self.boot_id, shim=self.me, agent=agent)
@@ -432,6 +480,13 @@ class Shim:
         except Refused as err:
             log.info("not booking %s: %s", outcome, err)
         return 0
+
+
+def _text(request: dict[str, Any], key: str) -> str | None:
+    value = request.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"{key} must be text")
+    return value
 
 
 def wait_for_assignment(stream=None) -> tuple[str, int, Path] | None:

@@ -25,6 +25,7 @@ from sparkops.board import requirements
 from sparkops.config import Settings, load_settings
 from sparkops.core.errors import EXIT_USAGE, SparkOpsError
 from sparkops.runner.loop import Runner, RunnerLock, install_stop_handlers, lock_path, new_context
+from sparkops.storage.db import error_line
 from sparkops.storage.store import open_store
 
 log = logging.getLogger("sparkops.jobs_runner")
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jobs_runner: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DBAPIError as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        reason = error_line(exc)
         print(f"jobs_runner: error: database error: {reason}", file=sys.stderr)
         return EXIT_USAGE
     return 0

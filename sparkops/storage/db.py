@@ -204,7 +204,7 @@ class Database:
     def error(self, doing: str, exc: BaseException) -> StorageError:
         if is_disk_full(exc):
             return StorageError(disk_full_message(self.path or self.display_url))
-        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0]
+        reason = error_line(exc)
         hint = (
             f"check storage.{self.role}_url and that PostgreSQL is running and reachable"
             if not self.is_sqlite
@@ -319,6 +319,12 @@ class Database:
         return f"Database({self.role}, {self.display_url})"
 
 
+def error_line(exc: BaseException) -> str:
+    """The first line of a database error (the driver's own message, when there is one)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def is_disconnect(exc: BaseException) -> bool:
     """A lost or refused connection to a database server (worth retrying), as
     opposed to a refused statement or SQLite's own errors."""
@@ -376,7 +382,7 @@ def retrying(fn: Callable[[], T], *, seconds: float, what: str,
             left = deadline - time.monotonic()
             if cause is None or not (is_disconnect(cause) or is_locked(cause)) or left <= 0:
                 raise
-            reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+            reason = error_line(cause)
             log.warning("%s: the database is %s (%s); retrying for up to %.0f s more",
                         what, "locked by another writer" if is_locked(cause) else "unreachable", reason, left)
             sleep(min(wait, left))

@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from sparkops.config import DEMO_ENV, is_loopback, load_secrets
 from sparkops.core.errors import SparkOpsError
+from sparkops.storage.db import error_line
 from sparkops.ui.data import AppContext, load_context
 
 #: On a phone, a row of metrics wraps two to a line (Streamlit stacks every column
@@ -70,7 +71,7 @@ def guard() -> Iterator[None]:
         st.error(f"**SparkOps cannot read its data.** {err}", icon="🛑")
         st.stop()
     except DBAPIError as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        reason = error_line(exc)
         st.error(f"**Database error.** {reason}", icon="🛑")
         st.stop()
 

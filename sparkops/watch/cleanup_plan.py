@@ -28,7 +28,7 @@ from sparkops.board.model import FINISHED
 from sparkops.core.errors import StorageError
 from sparkops.engine.dispatch import run_log_path
 from sparkops.jobs.framework import JobContext, lock_dir
-from sparkops.storage.db import Database
+from sparkops.storage.db import Database, error_line
 from sparkops.storage.schema import task_events, task_runs, tasks
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def plan_cleanup(ctx: JobContext, *, now: float | None = None) -> CleanupPlan:
     except (DBAPIError, StorageError) as exc:
         # A full disk may not even let SQLite open the board: logs past their retention
         # can still go (an open run's log is younger); workspaces cannot be judged.
-        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0]
+        reason = error_line(exc)
         plan.errors.append((Path(str(ctx.store.board.path or ctx.store.board.display_url)),
                             f"the board cannot be read ({reason}): workspaces are left alone this time"))
         state, board_read = _Board({}, {}, {}), False
