@@ -209,10 +209,13 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0,
 
 
 def gone(pid: int) -> bool:
-    """The process no longer runs (it is gone, or a zombie nobody reaped yet)."""
+    """The process no longer runs (it is gone, or a zombie nobody reaped yet). A
+    killed process whose other threads are still ending shows as a zombie before
+    its parent can reap it: it is gone once only its main thread is left."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        return (psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                and len(os.listdir(f"/proc/{pid}/task")) <= 1)
+    except (psutil.NoSuchProcess, FileNotFoundError):
         return True
 
 

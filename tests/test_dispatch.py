@@ -33,7 +33,7 @@ from sparkops.config import load_settings
 from sparkops.core import procs
 from sparkops.core.errors import ConfigError
 from sparkops.core.procs import RunIdentity
-from sparkops.engine import dispatch
+from sparkops.engine import runlog
 from sparkops.engine.dispatch import ShimTracker, dispatch_hermes
 from sparkops.jobs.framework import JobContext, JobRun
 from sparkops.runner.registry import run_job
@@ -391,6 +391,7 @@ class Engine:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
+        self.ctx.shims.stop_standby()
         self.store.dispose()
 
 
@@ -490,10 +491,10 @@ def test_a_crash_is_summed_up_by_the_exceptions_own_line(tmp_path):
     with open(log, "wb") as out:
         subprocess.run([sys.executable, str(agent)], stdout=out, stderr=subprocess.STDOUT, timeout=60)
     assert "^^^^" in log.read_text()
-    assert dispatch.log_tail(log) == "TypeError: 'NoneType' object is not subscriptable"
+    assert runlog.log_tail(log) == "TypeError: 'NoneType' object is not subscriptable"
     log.write_text("step 1\n\nstep 2: cannot reach the repo\n")
-    assert dispatch.log_tail(log) == "step 1 | step 2: cannot reach the repo"
-    assert dispatch.log_tail(tmp_path / "missing.log") == ""
+    assert runlog.log_tail(log) == "step 1 | step 2: cannot reach the repo"
+    assert runlog.log_tail(tmp_path / "missing.log") == ""
 
 
 def test_killed_shim_with_a_live_agent_keeps_the_claim_until_the_agent_is_gone(engine):
@@ -722,30 +723,35 @@ def test_an_idle_dispatcher_notices_new_work_at_once(sqlite_store, tmp_path, mon
     assert result.details["started"] == [task]
 
 
-def test_a_warm_standby_shim_takes_the_next_run(sqlite_store, tmp_path, monkeypatch):
-    """The dispatcher keeps one shim started and waiting, hands it the next run (no
-    interpreter start-up on the critical path), and starts a new one."""
+def test_the_warm_forkserver_forks_each_runs_shim(sqlite_store, tmp_path, monkeypatch):
+    """The dispatcher keeps one forkserver started (imported and waiting), and each
+    run's shim is forked by it: no interpreter start-up on the critical path. The
+    forkserver outlives the runs it served and ends with end of input."""
     agent = json.dumps(["{python}", "-c", "pass"])
     monkeypatch.setenv("SPARKOPS_STORAGE_BOARD_URL", f"sqlite:///{tmp_path}/data/kanban.db")
     monkeypatch.setenv("SPARKOPS_STORAGE_OPS_URL", f"sqlite:///{tmp_path}/data/sparkops.db")
     monkeypatch.setenv("SPARKOPS_DISPATCH_AGENT_ARGV", agent)
-    settings = make_settings(tmp_path, SPARKOPS_DISPATCH_AGENT_ARGV=agent)
+    settings = make_settings(tmp_path, SPARKOPS_DISPATCH_AGENT_ARGV=agent, SPARKOPS_DISPATCH_MAX_IN_PROGRESS="2")
     tracker = ShimTracker()
     ctx = JobContext.create(settings, sqlite_store, shims=tracker)
     try:
-        run_job(ctx, "dispatch", now=NOW)  # nothing to do yet: a standby is started
-        standby = tracker._standby
-        assert standby is not None and standby.poll() is None
-        task = board.create_task(sqlite_store.board, "work", now=NOW)
-        result = run_job(ctx, "dispatch", now=NOW + 1)
-        assert result.details["started"] == [task]
-        [run] = queries.list_runs(sqlite_store.board, task_id=task)
-        wait = time.monotonic() + 30
-        while time.monotonic() < wait and not (run.get("metadata") or {}).get("process"):
-            time.sleep(0.05)
+        run_job(ctx, "dispatch", now=NOW)  # nothing to do yet: the forkserver is started
+        server = tracker._standby
+        assert server is not None and server.alive()
+        tasks = [board.create_task(sqlite_store.board, f"work {i}", now=NOW) for i in range(2)]
+        assert sorted(run_job(ctx, "dispatch", now=NOW + 1).details["started"]) == sorted(tasks)
+
+        def shim_pid(task: str) -> int | None:
             [run] = queries.list_runs(sqlite_store.board, task_id=task)
-        assert run["metadata"]["process"]["shim"]["pid"] == standby.pid  # the warm one took it
-        assert tracker._standby is not None and tracker._standby.pid != standby.pid
+            return ((run.get("metadata") or {}).get("process") or {}).get("shim", {}).get("pid")
+        wait_for(lambda: all(shim_pid(t) for t in tasks), "both shims to record themselves", timeout=30)
+        forked = {entry[0].pid for entry in tracker._running.values()} | {shim_pid(t) for t in tasks}
+        assert len(forked) == 2 and server.pid not in forked  # two shims, neither the forkserver
+        assert tracker._standby is server and server.alive()  # one forkserver served both
+        # the shims end (each books its protocol violation) and the forkserver tells their exits
+        exits = []
+        wait_for(lambda: exits.extend(tracker.reap()) or not tracker._running, "the shims' exits", timeout=30)
+        assert sorted(e.task_id for e in exits) == sorted(tasks) and {e.returncode for e in exits} == {0}
     finally:
         tracker.stop_standby()
-    assert tracker._standby is None
+    assert tracker._standby is None and server.proc.returncode == 0

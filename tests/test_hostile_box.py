@@ -202,16 +202,17 @@ def test_hostile_ids_never_become_paths_or_arguments_and_the_tick_goes_on(tmp_pa
 
 
 def test_a_forged_handover_record_starts_nothing(tmp_path: Path):
-    """The standby shim reads one JSON record; a line in the old "ID RUN LOG" form, or a
-    record whose id is not plain, is refused: nothing is run, nothing appended."""
+    """The forkserver reads one JSON record a line; a line in the old "ID RUN LOG" form,
+    or a record whose id is not plain, is refused: nothing is run, nothing appended
+    (the forkserver's own refusal on a real process is in test_forkserver.py)."""
     from sparkops.engine import shim
 
     for line in ("t_00000001 1 /tmp/x.log\n", json.dumps({"task_id": "../x", "run_id": 1, "log": "/tmp/x"}) + "\n",
                  json.dumps({"task_id": "t_00000001", "run_id": "1; rm", "log": "/tmp/x"}) + "\n"):
         with pytest.raises(Exception, match="hand-over record"):
-            shim.wait_for_assignment(__import__("io").StringIO(line))
+            shim.parse_assignment(line)
     ok = json.dumps({"task_id": "t_00000001", "run_id": 3, "log": str(tmp_path / "r.log")}) + "\n"
-    assert shim.wait_for_assignment(__import__("io").StringIO(ok)) == ("t_00000001", 3, tmp_path / "r.log")
+    assert shim.parse_assignment(ok) == ("t_00000001", 3, tmp_path / "r.log")
 
 
 def test_the_board_page_shows_a_backtick_id_as_text(app_env):
@@ -552,7 +553,7 @@ SECRETS = {"SPARKOPS_UI_PASSWORD": "ui-hunter2", "SPARKOPS_TELEGRAM_TOKEN": "123
 
 def test_agents_and_restart_commands_get_an_allowlisted_environment(tmp_path: Path, monkeypatch):
     from sparkops.config import load_settings
-    from sparkops.engine.dispatch import shim_environment
+    from sparkops.engine.environment import shim_environment
     from sparkops.watch import services
 
     for name, value in {**SECRETS, "SOME_OTHER_TOKEN": "other-1", "MY_AGENT_KEY": "agent-key-5"}.items():

@@ -18,7 +18,7 @@ from sparkops.board import queries, runs
 from sparkops.board import transitions as board
 from sparkops.control import actions
 from sparkops.demo.sprint import DEMO_TASKS, seed_demo
-from sparkops.engine.dispatch import run_log_path
+from sparkops.engine.runlog import run_log_path
 from sparkops.storage.store import Store, open_store
 
 BOARD = "pages/1_Board.py"

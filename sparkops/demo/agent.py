@@ -535,6 +535,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def run_plain(argv: Sequence[str]) -> int | None:
+    """``python -m sparkops demo-agent ARGS`` without loading the command line: the
+    exit code, or None when ARGS need the full command line (``--config``, ``--help``,
+    a usage error, which it says in its own words)."""
+    if any(a in ("-h", "--help") or a.startswith("--config") for a in argv):
+        return None
+    parser = _QuietParser(prog="demo-agent", add_help=False)
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except ValueError:
+        return None
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)

@@ -12,10 +12,10 @@ One step (:func:`run`, the ``dispatch`` job):
 4. while this host has fewer live runs than ``dispatch.max_in_progress``, claim
    the best eligible ready task (:func:`sparkops.board.transitions.claim_next`: priority,
    age, dependencies, retry backoff) and give it to a worker shim in its own
-   session, with its output appended to the run's log: the warm standby shim the
-   runner keeps started (``python -m sparkops.engine.shim --standby``, so no interpreter
-   start-up sits between a free slot and the next agent), else a new
-   ``python -m sparkops.engine.shim TASK RUN``.
+   session, with its output appended to the run's log: forked by the warm
+   forkserver the runner keeps (:mod:`sparkops.engine.forkserver`, so neither an
+   interpreter's start-up nor its imports sit between a free slot and the next
+   agent), else a new ``python -m sparkops.engine.shim TASK RUN``.
 
 In the runner, a tick that finds nothing to do remembers the board's files; the
 next ticks only ``stat`` them until something changes (see :class:`ShimTracker`).
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -39,23 +38,26 @@ from pathlib import Path
 
 from sqlalchemy import and_, func, select
 
-from sparkops import PACKAGE_ROOT
 from sparkops.board import model, requirements, runs
 from sparkops.board import transitions as board
 from sparkops.board.model import Change, Outcome, RetryPolicy
-from sparkops.config import CONFIG_ENV, Settings, child_environment
+from sparkops.config import Settings
 from sparkops.core import json_text, procs
 from sparkops.core.clock import epoch
-from sparkops.core.errors import ConfigError, InvalidInput, Refused
+from sparkops.core.errors import ConfigError, Refused
 from sparkops.core.procs import RunIdentity
 from sparkops.engine import reclaim, workers
+from sparkops.engine.environment import shim_env, shim_environment
+from sparkops.engine.forkserver import ForkedShim, Forkserver
+from sparkops.engine.runlog import log_tail, run_log_path
 from sparkops.jobs.framework import JobContext, JobReport
 from sparkops.storage.schema import task_runs, tasks
 
 log = logging.getLogger(__name__)
 
 HERMES_TIMEOUT_SECONDS = 300
-LOG_TAIL_LINES = 20
+#: A worker shim as the dispatcher tracks it: forked by the forkserver, or started plainly.
+ShimProcess = ForkedShim | subprocess.Popen
 
 
 @dataclass(frozen=True)
@@ -79,64 +81,57 @@ class ShimTracker:
     FULL_LOOK_SECONDS = 60.0
 
     def __init__(self) -> None:
-        self._running: dict[int, tuple[subprocess.Popen, str, int, Path]] = {}
+        self._running: dict[int, tuple[ShimProcess, str, int, Path]] = {}
         self._idle_token: object = None
         self._full_look_by = 0.0
-        self._standby: subprocess.Popen | None = None
+        self._standby: Forkserver | None = None
         self._standby_retry_at = 0.0
 
-    # -- the standby shim: started ahead, imported and waiting on its stdin --------
+    # -- the standby: a warm forkserver, imported and waiting on its stdin ---------
 
     STANDBY_RETRY_SECONDS = 60.0
 
     def keep_standby(self, settings: Settings) -> None:
-        """Have a warm shim waiting (``python -m sparkops.engine.shim --standby``), so the
-        next dispatch skips the interpreter's start-up (~0.3 s). One that died
-        waiting is not replaced for a minute (a broken install must not spin)."""
+        """Have the warm forkserver running (:mod:`sparkops.engine.forkserver`), so a
+        run's shim costs a ``fork``, not an interpreter's start-up and imports (about
+        half a CPU second). One that died is not replaced for a minute (a broken
+        install must not spin); runs get plain shims meanwhile."""
         standby = self._standby
         if standby is not None:
-            if standby.poll() is None:
+            if standby.alive():
                 return
-            log.warning("the standby worker shim exited (%s) before getting a run",
-                        procs.exit_description(standby.returncode))
+            log.warning("the worker shims' forkserver exited (%s)", procs.exit_description(standby.proc.returncode))
             self._standby = None
             self._standby_retry_at = time.monotonic() + self.STANDBY_RETRY_SECONDS
         if time.monotonic() < self._standby_retry_at:
             return
         try:
-            self._standby = subprocess.Popen(
-                shim_argv("--standby"), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, cwd=settings.base_dir, env=shim_env(settings),
-                start_new_session=True, close_fds=True)
+            self._standby = Forkserver.start(cwd=settings.base_dir, env=shim_env(settings))
         except OSError as exc:
-            log.warning("cannot start a standby worker shim: %s", exc)
+            log.warning("cannot start the worker shims' forkserver: %s", exc)
             self._standby_retry_at = time.monotonic() + self.STANDBY_RETRY_SECONDS
 
-    def hand_to_standby(self, task_id: str, run_id: int, log_path: Path) -> subprocess.Popen | None:
-        """Give the run to the standby shim; None if there is none alive."""
-        standby, self._standby = self._standby, None
-        if standby is None or standby.poll() is not None:
+    def hand_to_standby(self, task_id: str, run_id: int, log_path: Path) -> ForkedShim | None:
+        """Have the forkserver fork the run's shim; None if there is none alive, or it
+        did not (it is then stopped: the next tick starts another)."""
+        standby = self._standby
+        if standby is None or not standby.alive():
             return None
-        try:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            standby.stdin.write(handover_record(task_id, run_id, log_path))
-            standby.stdin.close()
-        except OSError:
-            standby.kill()
-            standby.wait()
-            return None
-        return standby
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        forked = standby.hand(handover_record(task_id, run_id, log_path), run_id)
+        if forked is None:
+            log.warning("the worker shims' forkserver did not fork the shim of run %d; stopping it", run_id)
+            self._standby = None
+            standby.proc.kill()
+            standby.stop()
+        return forked
 
     def stop_standby(self) -> None:
-        """End the standby shim (closing its stdin is its signal to exit)."""
+        """End the forkserver (closing its stdin is its signal to exit); the shims it
+        forked run on."""
         standby, self._standby = self._standby, None
-        if standby is not None and standby.poll() is None:
-            standby.stdin.close()
-            try:
-                standby.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                standby.kill()
-                standby.wait()
+        if standby is not None:
+            standby.stop()
 
     def quiet(self, token: object, now: float) -> bool:
         """True when the last tick was idle and nothing has changed since."""
@@ -149,7 +144,7 @@ class ShimTracker:
         self._full_look_by = min(now + self.FULL_LOOK_SECONDS,
                                  look_again_at if look_again_at is not None else float("inf"))
 
-    def add(self, proc: subprocess.Popen, task_id: str, run_id: int, log_path: Path) -> None:
+    def add(self, proc: ShimProcess, task_id: str, run_id: int, log_path: Path) -> None:
         self._running[proc.pid] = (proc, task_id, run_id, log_path)
 
     def reap(self) -> list[ShimExit]:
@@ -245,7 +240,7 @@ def dispatch_native(ctx: JobContext, *, now: float | None = None) -> JobReport:
 
 
 def handover_record(task_id: str, run_id: int, log_path: Path) -> bytes:
-    """The dispatcher's hand-over to the standby shim: one JSON object on a line
+    """The dispatcher's hand-over to the forkserver: one JSON object on a line
     (an id is data: it is never spliced into a line another program splits)."""
     return (json.dumps({"task_id": task_id, "run_id": int(run_id), "log": str(log_path)}) + "\n").encode()
 
@@ -264,38 +259,12 @@ def block_unsafe_ids(ctx: JobContext, ids: set[str], *, now: float | None = None
     return notes
 
 
-def run_log_path(settings: Settings, task_id: str, run_id: int) -> Path:
-    """RUN_LOG_ROOT/<task id>/run-<run id>.log; InvalidInput for an id that is not
-    plain (it would leave the root, or be no path at all)."""
-    if not model.is_safe_id(task_id):
-        raise InvalidInput(model.unsafe_id_reason(task_id))
-    return Path(settings["dispatch.run_log_root"]) / task_id / f"run-{int(run_id)}.log"
-
-
-def shim_environment(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
-    """What a shim, its agent or ``hermes`` gets of the runner's environment (an
-    allowlist, :func:`sparkops.config.child_environment`, with the agent's own
-    ``dispatch.agent_env_pass``), plus an absolute SPARKOPS_CONFIG."""
-    env = child_environment(base, passed=settings["dispatch.agent_env_pass"])
-    if settings.source is not None:
-        env[CONFIG_ENV] = str(settings.source.resolve())
-    return env
-
-
 def shim_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "sparkops.engine.shim", *args]
 
 
-def shim_env(settings: Settings) -> dict[str, str]:
-    """The shim's environment: the runner's without secrets, and the package on
-    PYTHONPATH so ``python -m sparkops.engine.shim`` works without an install."""
-    env = shim_environment(settings)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def start_shim(ctx: JobContext, change: Change, *, now: float | None = None) -> subprocess.Popen | None:
-    """Hand the run to the warm standby shim when there is one, else start
+def start_shim(ctx: JobContext, change: Change, *, now: float | None = None) -> ShimProcess | None:
+    """Have the warm forkserver fork the run's shim when there is one, else start
     ``python -m sparkops.engine.shim TASK RUN`` in its own session. A shim that cannot be
     started books the run as ``spawn_failed``."""
     log_path = run_log_path(ctx.settings, change.task_id, change.run_id)
@@ -365,41 +334,6 @@ def _fail_quietly(ctx: JobContext, task_id: str, run_id: int, outcome: Outcome, 
 
 
 #: The last line of a Python traceback (``ValueError: bad input``, ``KeyboardInterrupt``).
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Fault|Failure)\b(:.*)?$")
-#: The markers Python 3.11 prints under a failing expression (``^^^^``, ``~~~^~~``).
-_MARKERS_ONLY = re.compile(r"^\s*[\^~]+\s*$")
-
-
-def read_log_end(path: Path, max_bytes: int) -> tuple[list[str], bool] | None:
-    """The lines of a run log's last ``max_bytes`` (and whether the file is longer,
-    so the first line may be cut), or None when it cannot be read."""
-    try:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            start = max(0, size - max_bytes)
-            fh.seek(start)
-            text = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    return text.splitlines(), start > 0
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES, limit: int = 400) -> str:
-    """What a failed run's log says last, at most ``limit`` characters: the
-    exception's own line when the log ends in a traceback (``ValueError: bad
-    input``: what an operator needs on the card), else its last lines, joined."""
-    end = read_log_end(path, 16384)
-    if end is None:
-        return ""
-    kept = [line.rstrip() for line in end[0] if line.strip() and not _MARKERS_ONLY.match(line)]
-    tail = kept[-lines:]
-    if any(line.startswith("Traceback (most recent call last)") for line in tail):
-        exception = next((line for line in reversed(tail) if _EXCEPTION_LINE.match(line)), None)
-        if exception is not None:
-            return exception[:limit]
-    return " | ".join(tail)[-limit:]
-
-
 # -- hermes mode ------------------------------------------------------------------------
 
 

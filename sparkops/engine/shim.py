@@ -77,7 +77,8 @@ from sparkops.core.errors import (
 from sparkops.core.procs import Proc, RunIdentity
 from sparkops.engine import handoff, workers
 from sparkops.engine import workspace as workspace_of
-from sparkops.engine.dispatch import log_tail, run_log_path, shim_environment
+from sparkops.engine.environment import shim_environment
+from sparkops.engine.runlog import log_tail, run_log_path
 from sparkops.storage.db import error_line, retrying
 from sparkops.storage.schema import task_runs, tasks
 from sparkops.storage.store import Store, open_store
@@ -489,13 +490,9 @@ def _text(request: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def wait_for_assignment(stream=None) -> tuple[str, int, Path] | None:
-    """A standby shim's wait: one hand-over record from the dispatcher
-    (:func:`sparkops.engine.dispatch.handover_record`), or None at end of input (the
-    runner went away). A record that is not one is an error: nothing is started."""
-    line = (stream or sys.stdin).readline()
-    if not line.strip():
-        return None
+def parse_assignment(line: str) -> tuple[str, int, Path]:
+    """One hand-over record: (task id, run id, log path); InvalidInput for anything
+    that is not one (an id is checked before it becomes a path or an argv element)."""
     try:
         record = json.loads(line)
         task_id, run_id, log_path = record["task_id"], record["run_id"], record["log"]
@@ -506,7 +503,24 @@ def wait_for_assignment(stream=None) -> tuple[str, int, Path] | None:
     return task_id, run_id, Path(log_path)
 
 
-def _redirect_output(log_path: Path) -> None:
+def run_assignment(settings: Settings, task_id: str, run_id: int) -> int:
+    """Open the store and run the shim for one run; its exit code."""
+    try:
+        store = retrying(lambda: open_store(settings), seconds=settings["storage.retry_seconds"],
+                         what="shim: opening the store")
+    except SparkOpsError as err:
+        log.error("%s", err)
+        return 1
+    try:
+        return Shim(settings, store, task_id, run_id).run()
+    except (SparkOpsError, DBAPIError) as exc:
+        log.error("shim failed: %s", exc)
+        return 1
+    finally:
+        store.dispose()
+
+
+def redirect_output(log_path: Path) -> None:
     """Send this process's stdout and stderr to the run's log (appending)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -519,48 +533,23 @@ def _redirect_output(log_path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparkops.engine.shim",
-                                     description="Run one task's agent for one run (started by the dispatcher).")
-    parser.add_argument("task_id", nargs="?")
-    parser.add_argument("run_id", nargs="?", type=int)
-    parser.add_argument("--standby", action="store_true",
-                        help="start up, then wait for the hand-over record on stdin (JSON: task_id, run_id, log) "
-                             "(the dispatcher keeps one shim warm so a slot is refilled at once)")
+                                     description="Run one task's agent for one run (started by the dispatcher; "
+                                                 "usually forked by its warm forkserver, sparkops.engine.forkserver).")
+    parser.add_argument("task_id")
+    parser.add_argument("run_id", type=int)
     args = parser.parse_args(argv)
-    if not args.standby and (args.task_id is None or args.run_id is None):
-        parser.error("TASK_ID and RUN_ID are required (or --standby)")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s shim[%(process)d] %(levelname)s: %(message)s")
+    configure_logging()
     try:
         settings = load_settings()
-        store = retrying(lambda: open_store(settings), seconds=settings["storage.retry_seconds"],
-                         what="shim: opening the store")
     except SparkOpsError as err:
-        if args.standby:
-            # Say why in the run's log, not in the void: take the run, then fail it.
-            try:
-                assignment = wait_for_assignment()
-            except InvalidInput as bad:
-                log.error("%s", bad)
-                assignment = None
-            if assignment is None:
-                return 1
-            _redirect_output(assignment[2])
         log.error("%s", err)
         return 1
-    try:
-        task_id, run_id = args.task_id, args.run_id
-        if args.standby:
-            assignment = wait_for_assignment()
-            if assignment is None:
-                return 0
-            task_id, run_id, log_path = assignment
-            _redirect_output(log_path)
-        return Shim(settings, store, task_id, run_id).run()
-    except (SparkOpsError, DBAPIError) as exc:
-        log.error("shim failed: %s", exc)
-        return 1
-    finally:
-        store.dispose()
+    return run_assignment(settings, args.task_id, args.run_id)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s shim[%(process)d] %(levelname)s: %(message)s")
 
 
 if __name__ == "__main__":

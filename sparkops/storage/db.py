@@ -12,7 +12,8 @@ SQLite settings, set once per connection:
   corrupt the file);
 * ``foreign_keys=ON``;
 * every writing transaction starts with ``BEGIN IMMEDIATE``, so the write lock is
-  taken up front and two writers never deadlock upgrading a read lock.
+  taken up front and two writers never deadlock upgrading a read lock; SparkOps'
+  own writers take turns before that (:mod:`sparkops.storage.turns`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from sparkops.config import mask_url
 from sparkops.core.errors import StorageError
+from sparkops.storage.turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,12 @@ class Database:
             self.dialect = "sqlite"
             self.path: Path | None = Path(url[len("sqlite:///"):].split("?", 1)[0])
             self.engine = _sqlite_engine(self.path, busy_timeout_ms)
+            self.turns: Turns | None = Turns(self.path, timeout=busy_timeout_ms / 1000.0)
         elif url.startswith("postgresql"):
             self.dialect = "postgresql"
             self.path = None
             self.engine = _postgres_engine(url)
+            self.turns = None
         else:
             raise StorageError(
                 f"{role} database URL {self.display_url!r} is not supported; "
@@ -305,15 +309,20 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A writing transaction; on SQLite it starts with ``BEGIN IMMEDIATE``."""
-        with self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn = conn.execution_options(sparkops_begin="BEGIN IMMEDIATE")
-            with conn.begin():
+        """A writing transaction; on SQLite it starts with ``BEGIN IMMEDIATE``, in this
+        process's turn among SparkOps' writers of the file."""
+        if self.turns is None:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        with self.turns.turn(), self.engine.connect() as conn:
+            with conn.execution_options(sparkops_begin="BEGIN IMMEDIATE").begin():
                 yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.turns is not None:
+            self.turns.close()
 
     def __repr__(self) -> str:
         return f"Database({self.role}, {self.display_url})"

@@ -20,7 +20,7 @@ import streamlit as st
 
 from sparkops.board import phases as phases_mod
 from sparkops.board import queries
-from sparkops.engine import dispatch
+from sparkops.engine import runlog
 from sparkops.storage.db import Database
 from sparkops.ui import data, views
 from sparkops.ui.data import READ_TTL_SECONDS, AppContext
@@ -343,7 +343,7 @@ def run_facts(run: dict[str, Any], now: int) -> str:
 def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = LOG_TAIL_BYTES) -> str | None:
     """The last ``lines`` lines of a log (from at most its last ``max_bytes``), or
     None when the file does not exist or cannot be read."""
-    end = dispatch.read_log_end(path, max_bytes)
+    end = runlog.read_log_end(path, max_bytes)
     if end is None:
         return None
     kept, cut = end

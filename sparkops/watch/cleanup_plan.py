@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from sparkops.board import model
 from sparkops.board.model import FINISHED
 from sparkops.core.errors import StorageError
-from sparkops.engine.dispatch import run_log_path
+from sparkops.engine.runlog import run_log_path
 from sparkops.jobs.framework import JobContext, lock_dir
 from sparkops.storage.db import Database, error_line
 from sparkops.storage.schema import task_events, task_runs, tasks

@@ -11,7 +11,7 @@ import streamlit as st
 from sparkops.control import actions
 from sparkops.core.clock import epoch
 from sparkops.core.errors import NotFound
-from sparkops.engine import dispatch
+from sparkops.engine import runlog
 from sparkops.ui import board_view as bv
 from sparkops.ui import data, page, views
 
@@ -140,7 +140,7 @@ def live_runs(task_id: str) -> None:
     run_id = bv.log_run_id(detail)
     if run_id is None:
         return
-    path = dispatch.run_log_path(ctx.settings, task_id, run_id)
+    path = runlog.run_log_path(ctx.settings, task_id, run_id)
     running = detail["task"].get("current_run_id") == run_id
     st.markdown(f"**Log of run {run_id}**" + (" (running; tailing)" if running else ""))
     tail = bv.read_log_tail(path)

@@ -9,7 +9,7 @@ import streamlit as st
 
 from sparkops.core.clock import epoch
 from sparkops.core.errors import NotFound
-from sparkops.engine import dispatch
+from sparkops.engine import runlog
 from sparkops.ui import board_view as bv
 from sparkops.ui import page, views
 
@@ -100,7 +100,7 @@ def run_log(run_id: int, task_id: str, lines: int) -> None:
     elif run.get("summary"):
         st.markdown("**Summary**")
         st.text(run["summary"])
-    path = dispatch.run_log_path(ctx.settings, task_id, run_id)
+    path = runlog.run_log_path(ctx.settings, task_id, run_id)
     tail = bv.read_log_tail(path, lines=lines)
     if tail is None:
         st.info(bv.missing_log_note(path, run), icon="📄")
