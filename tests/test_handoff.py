@@ -6,8 +6,10 @@ the full command line. The end-to-end report through a real shim is in test_shim
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,3 +109,16 @@ def test_an_error_is_said_with_its_exit_code(capsys):
     finally:
         server.close()
     assert capsys.readouterr().err == "sparkops: error: run 7 is not the current run of t_00000001 (it is 9)\n"
+
+
+def test_a_stopped_shim_does_not_hold_up_the_report():
+    """A shim that does not take the report at once (stopped, stuck: the kernel
+    completes the connection, nobody answers) is passed over and the full command line
+    makes the report (test_reclaim.py: refused as stale, after a reclaim)."""
+    name = "@sparkops-test-stopped-" + os.urandom(6).hex()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
+        stuck.bind("\0" + name[1:])
+        stuck.listen(1)  # never accepts, never answers
+        started = time.monotonic()
+        assert handoff.ask(name, {"token": TOKEN, "task_id": "t_00000001", "run_id": 7}, take_timeout=0.5) is None
+        assert time.monotonic() - started < 5

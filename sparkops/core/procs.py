@@ -106,16 +106,21 @@ class RunIdentity:
 @dataclass(frozen=True)
 class Stat:
     """What ``/proc/PID/stat`` says of a process: its state letter (``Z`` a zombie,
-    ``X`` dead), process group, session and start (seconds after boot)."""
+    ``X`` dead), process group, session and start (seconds after boot), and whether
+    threads of a zombie's are still ending."""
 
     state: str
     pgid: int
     sid: int
     start: float
+    threads_ending: bool = False
 
     @property
     def ended(self) -> bool:
-        return self.state in ("Z", "X", "x")
+        """Gone but for its exit status: a killed process's main thread shows as a
+        zombie while its other threads are still ending, and its parent can reap it
+        only after them, so until then it has not ended."""
+        return self.state in ("Z", "X", "x") and not self.threads_ending
 
 
 def stat_of(pid: int) -> Stat | None:
@@ -131,8 +136,16 @@ def stat_of(pid: int) -> Stat | None:
     except OSError:  # no /proc (not Linux)
         return _stat_by_psutil(pid)
     fields = data[data.rindex(b")") + 2:].split()  # the name may hold spaces and parentheses
-    return Stat(state=fields[0].decode("ascii", "replace"), pgid=int(fields[2]), sid=int(fields[3]),
-                start=int(fields[19]) / _CLOCK_TICKS)
+    state = fields[0].decode("ascii", "replace")
+    return Stat(state=state, pgid=int(fields[2]), sid=int(fields[3]), start=int(fields[19]) / _CLOCK_TICKS,
+                threads_ending=state == "Z" and _threads(pid) > 1)
+
+
+def _threads(pid: int) -> int:
+    try:
+        return len(os.listdir(_PROC / str(int(pid)) / "task"))
+    except OSError:
+        return 0
 
 
 def _stat_by_psutil(pid: int) -> Stat | None:

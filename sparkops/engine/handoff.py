@@ -11,10 +11,11 @@ with the error and its exit code.
 The socket is an abstract Unix socket (Linux: no file, gone with the shim), named
 in the agent's environment (:data:`SOCKET_ENV`). A request carries the run's report
 token (:data:`REPORT_TOKEN_ENV`); the shim takes only a request for its own task and
-run with its own token, and records the reporting process from the socket's peer
-credentials. Whenever the shim does not answer (it is gone, it refused the request,
-the connection dropped) the report process makes the report itself: the result is
-the same either way.
+run with its own token (it says ``taken`` at once, then answers), and records the
+reporting process from the socket's peer credentials. Whenever the shim does not
+answer (it is gone, stopped or stuck past :data:`TAKE_TIMEOUT`, it refused the
+request, the connection dropped) the report process makes the report itself: the
+result is the same either way.
 
 Standard library only: the report process imports this before anything heavy.
 """
@@ -42,8 +43,11 @@ REPORT_TOKEN_ENV = "SPARKOPS_REPORT_TOKEN"
 SOCKET_ENV = "SPARKOPS_REPORT_SOCKET"
 #: The largest request or reply (a result text is kept whole).
 MAX_MESSAGE = 16 * 1024 * 1024
-#: How long a report process waits for the shim's answer before reporting itself
-#: (the shim retries through a database restart for ``storage.retry_seconds``).
+#: How long a report process waits for the shim to take its report: a shim that is
+#: stopped (SIGSTOP) or stuck does not hold up the report, which is then made directly.
+TAKE_TIMEOUT = 3.0
+#: How long it then waits for the shim's answer before reporting itself (the shim
+#: retries through a database restart for ``storage.retry_seconds``).
 REPLY_TIMEOUT = 300.0
 _LENGTH = struct.Struct(">I")
 _PEER = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -102,25 +106,35 @@ class Listener:
                 try:
                     conn.settimeout(30)
                     pid = _PEER.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER.size))[0]
-                    _send(conn, self._answer(_receive(conn), pid))
+                    request = _receive(conn)
+                    if not self._own(request):
+                        _send(conn, {"handled": False})
+                        continue
+                    _send(conn, {"taken": True})
+                    _send(conn, {"handled": True, **self._handle(request, pid)})
                 except (OSError, ValueError) as exc:
                     log.warning("a report on the socket failed: %s", exc)
 
-    def _answer(self, request: dict[str, Any], pid: int) -> dict[str, Any]:
+    def _own(self, request: dict[str, Any]) -> bool:
+        """A report of this run, made with its token."""
         token = request.get("token")
-        if not (isinstance(token, str) and hmac.compare_digest(token, self._token)
-                and request.get("task_id") == self.task_id and request.get("run_id") == self.run_id):
-            return {"handled": False}
-        return {"handled": True, **self._handle(request, pid)}
+        return (isinstance(token, str) and hmac.compare_digest(token, self._token)
+                and request.get("task_id") == self.task_id and request.get("run_id") == self.run_id)
 
 
-def ask(name: str, request: dict[str, Any], *, timeout: float = REPLY_TIMEOUT) -> dict[str, Any] | None:
-    """The report process's end: the shim's answer, or None if it gave none."""
+def ask(name: str, request: dict[str, Any], *, take_timeout: float = TAKE_TIMEOUT,
+        timeout: float = REPLY_TIMEOUT) -> dict[str, Any] | None:
+    """The report process's end: the shim's answer, or None if it gave none (it
+    is gone, did not take the report within ``take_timeout``, or dropped it)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
+            sock.settimeout(take_timeout)
             sock.connect(_address(name))
             _send(sock, request)
+            first = _receive(sock)
+            if not first.get("taken"):
+                return first
+            sock.settimeout(timeout)
             return _receive(sock)
     except (OSError, ValueError):
         return None
