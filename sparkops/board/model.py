@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from sparkops.board import BLOCK_KINDS  # noqa: F401 - part of the model's vocabulary
 from sparkops.core import json_text
 
 
@@ -58,8 +59,6 @@ FAILURE_OUTCOMES = COUNTED_FAILURES | {Outcome.PROTOCOL_VIOLATION, Outcome.RATE_
 
 
 DEFAULT_CLAIM_TTL = 15 * 60
-#: What a block may say it waits for (Hermes' block kinds).
-BLOCK_KINDS = frozenset({"dependency", "needs_input", "capability", "transient"})
 #: How much of an error message a run or event keeps.
 ERROR_EXCERPT = 500
 

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sparkops.board.model import BLOCK_KINDS
+from sparkops.board import BLOCK_KINDS
 from sparkops.core.errors import InvalidInput
 from sparkops.engine import handoff
 
