@@ -98,8 +98,7 @@ _LAST_RUN_ID = (select(task_runs.c.id).where(task_runs.c.task_id == tasks.c.id)
 
 
 _CLAIM_CANDIDATES = (
-    select(tasks.c.id, tasks.c.consecutive_failures,
-           _last.c.ended_at.label("last_end"), _last.c.outcome.label("last_outcome"))
+    select(tasks, _last.c.ended_at.label("last_end"), _last.c.outcome.label("last_outcome"))
     .select_from(tasks.outerjoin(_last, _last.c.id == _LAST_RUN_ID))
     .where(tasks.c.status == Status.READY, ~HAS_UNFINISHED_PARENT)
     # CAST: a text priority another writer put in SQLite's column counts as 0 (text
@@ -122,21 +121,19 @@ def slots_taken(conn: Connection, host: str, busy_runs: Collection[int]) -> int:
     return int(others or 0) + len(set(busy_runs))
 
 
+#: The same, locked as read: on PostgreSQL each row is locked ``FOR UPDATE SKIP
+#: LOCKED`` (a row another transaction is claiming is passed over, not waited for);
+#: SQLite has one writer at a time, so there the plain read is already exclusive.
+_LOCKED_CLAIM_CANDIDATES = _CLAIM_CANDIDATES.with_for_update(of=tasks, skip_locked=True)
+
+
 def claim_candidates(conn: Connection, limit: int, excluded: Collection[str] = ()):
-    """Ready tasks with no unfinished parent, best first, with their last run."""
+    """Ready tasks with no unfinished parent, best first, whole rows with their last
+    run's end and outcome, each locked for this transaction and still ready."""
     if not excluded:
-        return conn.execute(_CLAIM_CANDIDATES, {"scan": limit}).all()
-    return conn.execute(_CLAIM_CANDIDATES.where(tasks.c.id.notin_(bindparam("excluded", expanding=True))),
+        return conn.execute(_LOCKED_CLAIM_CANDIDATES, {"scan": limit}).all()
+    return conn.execute(_LOCKED_CLAIM_CANDIDATES.where(tasks.c.id.notin_(bindparam("excluded", expanding=True))),
                         {"scan": limit, "excluded": sorted(excluded)}).all()
-
-
-def lock_ready(conn: Connection, task_id: str):
-    """The task's row if it is still ready, locked for this transaction; None when
-    it is not ready or (PostgreSQL) another transaction holds it. SQLite has one
-    writer at a time, so there the plain read is already exclusive."""
-    row = conn.execute(select(tasks).where(tasks.c.id == task_id, tasks.c.status == Status.READY)
-                       .with_for_update(skip_locked=True)).first()
-    return row
 
 
 def protocol_violation_streak(conn: Connection, task_id: str) -> int:

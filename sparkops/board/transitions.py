@@ -63,6 +63,8 @@ TRANSITIONS: dict[str, frozenset[Status]] = {
     "fail": frozenset({Status.RUNNING}),                           # -> ready | blocked
 }
 
+#: How many of the best ready tasks a claim looks at before it looks further.
+FIRST_LOOK = 8
 #: Hermes' BLOCK_RECURRENCE_LIMIT: the same block kind this many times in a row
 #: (with unblocks between) routes the task to triage instead of blocked.
 BLOCK_RECURRENCE_LIMIT = 2
@@ -233,33 +235,36 @@ def claim_next(db: Database, *, host: str, lock: str, capacity: int,
     is not :func:`is_safe_id` is passed over and added to ``unsafe`` (the caller
     blocks it).
 
-    On PostgreSQL the chosen task is locked ``FOR UPDATE SKIP LOCKED``: dispatchers
-    of other hosts pass over a task one of them is claiming instead of waiting for
-    it, and the claim is decided by that row lock."""
+    On PostgreSQL the candidates are read and locked in one statement ``FOR UPDATE
+    SKIP LOCKED``: dispatchers of other hosts pass over a task one of them is
+    claiming instead of waiting for it, and the claim is decided by that row lock."""
     ts = epoch(now)
     with db.write() as conn:
         db.serialize_claims(conn, host)
         if steps.slots_taken(conn, host, busy_runs) >= capacity:
             return None
-        for row in steps.claim_candidates(conn, scan, excluded):
-            if not is_safe_id(row.id):
-                if unsafe is not None:
-                    unsafe.append(row.id)
-                continue
-            not_before = policy.not_before(row.consecutive_failures or 0, row.last_outcome,
-                                           row.last_end)
-            if not_before > ts:
-                if deferred is not None:
-                    deferred.append(not_before)
-                continue
-            task = steps.lock_ready(conn, row.id)
-            if task is None:  # another host is claiming it, or it moved on
-                continue
-            workspace = f"{workspace_root.rstrip('/')}/{task.id}" if workspace_root else None
-            run_id = _open_run(conn, task, lock=lock, ttl_seconds=ttl_seconds, now=ts,
-                               workspace=workspace,
-                               metadata={"claimed_by": "sparkops", "host": host})
-            return Change(task.id, "claim", task.status, Status.RUNNING, run_id)
+        # The best candidate is nearly always eligible: look at a few first, at
+        # ``scan`` only when none of them is (backoffs, unsafe ids).
+        for limit in dict.fromkeys((min(FIRST_LOOK, scan), scan)):
+            rows = steps.claim_candidates(conn, limit, excluded)
+            for task in rows:
+                if not is_safe_id(task.id):
+                    if unsafe is not None and task.id not in unsafe:
+                        unsafe.append(task.id)
+                    continue
+                not_before = policy.not_before(task.consecutive_failures or 0, task.last_outcome,
+                                               task.last_end)
+                if not_before > ts:
+                    if deferred is not None:
+                        deferred.append(not_before)
+                    continue
+                workspace = f"{workspace_root.rstrip('/')}/{task.id}" if workspace_root else None
+                run_id = _open_run(conn, task, lock=lock, ttl_seconds=ttl_seconds, now=ts,
+                                   workspace=workspace,
+                                   metadata={"claimed_by": "sparkops", "host": host})
+                return Change(task.id, "claim", task.status, Status.RUNNING, run_id)
+            if len(rows) < limit:
+                break
     return None
 
 
