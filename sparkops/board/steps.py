@@ -90,22 +90,32 @@ HAS_UNFINISHED_PARENT = (
 )
 
 
-_last = task_runs.alias("last")
-
-
-_LAST_RUN_ID = (select(task_runs.c.id).where(task_runs.c.task_id == tasks.c.id)
-                .order_by(task_runs.c.id.desc()).limit(1).scalar_subquery())
-
-
-_CLAIM_CANDIDATES = (
-    select(tasks, _last.c.ended_at.label("last_end"), _last.c.outcome.label("last_outcome"))
-    .select_from(tasks.outerjoin(_last, _last.c.id == _LAST_RUN_ID))
+#: The best ready tasks with no unfinished parent (``scan`` of them), locked as read:
+#: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` (a row another transaction is claiming
+#: is passed over, not waited for); SQLite has one writer at a time, so there the
+#: plain read is already exclusive. CAST: a text priority another writer put in
+#: SQLite's column counts as 0 (text would sort above every number and jump the queue).
+_BEST_READY = (
+    select(tasks)
     .where(tasks.c.status == Status.READY, ~HAS_UNFINISHED_PARENT)
-    # CAST: a text priority another writer put in SQLite's column counts as 0 (text
-    # would sort above every number and jump the queue)
     .order_by(cast(tasks.c.priority, Integer).desc(), tasks.c.created_at, tasks.c.id)
     .limit(bindparam("scan"))
+    .with_for_update(skip_locked=True)
 )
+
+
+def _with_last_run(best):
+    """The rows of ``best`` (a subquery of tasks), in its order, with their last run's
+    end and outcome: looked up for those few rows only, not for every ready task."""
+    def last(column):
+        return (select(column).where(task_runs.c.task_id == best.c.id)
+                .order_by(task_runs.c.id.desc()).limit(1).scalar_subquery())
+    return (select(best, last(task_runs.c.ended_at).label("last_end"),
+                   last(task_runs.c.outcome).label("last_outcome"))
+            .order_by(cast(best.c.priority, Integer).desc(), best.c.created_at, best.c.id))
+
+
+_CLAIM_CANDIDATES = _with_last_run(_BEST_READY.subquery("best"))
 
 
 def open_runs_on(conn: Connection, host: str) -> int:
@@ -121,19 +131,13 @@ def slots_taken(conn: Connection, host: str, busy_runs: Collection[int]) -> int:
     return int(others or 0) + len(set(busy_runs))
 
 
-#: The same, locked as read: on PostgreSQL each row is locked ``FOR UPDATE SKIP
-#: LOCKED`` (a row another transaction is claiming is passed over, not waited for);
-#: SQLite has one writer at a time, so there the plain read is already exclusive.
-_LOCKED_CLAIM_CANDIDATES = _CLAIM_CANDIDATES.with_for_update(of=tasks, skip_locked=True)
-
-
 def claim_candidates(conn: Connection, limit: int, excluded: Collection[str] = ()):
     """Ready tasks with no unfinished parent, best first, whole rows with their last
     run's end and outcome, each locked for this transaction and still ready."""
     if not excluded:
-        return conn.execute(_LOCKED_CLAIM_CANDIDATES, {"scan": limit}).all()
-    return conn.execute(_LOCKED_CLAIM_CANDIDATES.where(tasks.c.id.notin_(bindparam("excluded", expanding=True))),
-                        {"scan": limit, "excluded": sorted(excluded)}).all()
+        return conn.execute(_CLAIM_CANDIDATES, {"scan": limit}).all()
+    best = _BEST_READY.where(tasks.c.id.notin_(bindparam("excluded", expanding=True))).subquery("best")
+    return conn.execute(_with_last_run(best), {"scan": limit, "excluded": sorted(excluded)}).all()
 
 
 def protocol_violation_streak(conn: Connection, task_id: str) -> int:
