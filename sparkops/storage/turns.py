@@ -6,7 +6,7 @@ shims writing at once on two cores, a waiter kept missing the moment the lock ca
 free and one claim in a hundred waited half a second (docs/benchmarks.md, "Claims
 with concurrent dispatchers"). So SparkOps' own writers first take a turn: an
 exclusive ``flock`` on ``<database>.writers`` next to the file, held from before
-``BEGIN IMMEDIATE`` until after the commit. A writer that finds the turn taken
+the write transaction asks for SQLite's lock until after its commit. A writer that finds the turn taken
 blocks in the kernel, which wakes it the moment the turn is given back (asking
 again every so often was no better than SQLite's own sleeps: the one giving the
 turn back, already running, took it again). Only the writer whose turn it is ever
