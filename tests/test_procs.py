@@ -4,6 +4,7 @@ terminate_group on real process groups (SIGTERM, then SIGKILL after the grace)."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_for
+from conftest import ROOT, wait_for
 
 from sparkops.core import procs
 from sparkops.core.procs import Proc, RunIdentity
@@ -299,6 +300,36 @@ def test_run_identity_round_trips_through_metadata():
     assert RunIdentity.from_metadata({"process": {"host": ""}}) is None
     assert Proc.from_dict({"pid": 12, "start": 3}) == Proc(12, 3.0, 12)  # pgid defaults to the pid
     assert Proc.from_dict({"pid": 12}) is None
+
+
+OUTSIDE_SESSION = """
+import json, os, sys, time
+from sparkops.core import procs
+me = procs.describe(os.getpid())
+print(json.dumps({"pid": os.getpid(), "stat_session": procs.stat_of(os.getpid()).sid, "recorded": me.as_dict(),
+                  "group": procs.group_members(me)}), flush=True)
+"""
+
+
+def test_a_session_led_from_outside_the_pid_namespace_is_unknown_and_only_the_process_is_ours():
+    """As in a sandbox or container that starts a program without a session of its
+    own (CI here): the kernel reads session 0. That record still names the process
+    (pid and start), never a group to signal; a stored session of 0 reads the same."""
+    try:
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", OUTSIDE_SESSION],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except FileNotFoundError:
+        pytest.skip("util-linux's unshare is not installed")
+    if done.returncode != 0 and "unshare" in done.stderr:
+        pytest.skip(f"cannot make a pid namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["stat_session"] == 0
+    assert seen["recorded"] == {"pid": seen["pid"], "start": seen["recorded"]["start"], "pgid": seen["pid"],
+                                "sid": None}
+    assert seen["group"] == [seen["pid"]]  # the process itself, no group
+    assert Proc.from_dict({"pid": 12, "start": 3, "pgid": 12, "sid": 0}) == Proc(12, 3.0, 12, None)
+    assert Proc.from_dict({"pid": 12, "start": 3, "pgid": 12, "sid": -4}) is None  # not a session: not a record
 
 
 def test_boot_id_and_exit_descriptions():

@@ -21,8 +21,12 @@ from sparkops.engine import workers
 
 
 def spawn(seconds: float = 60) -> subprocess.Popen:
-    """A process in its own group, as the shim starts an agent."""
-    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"], process_group=0)
+    """A process in a group and a session of its own, as an agent under its shim
+    (the shim leads a session; the agent leads a group in it). Under pytest's own
+    session it would not do: where that session is led from outside this pid
+    namespace (as in CI) it reads 0, and no group is provably ours."""
+    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"],
+                            start_new_session=True)
 
 
 def identity_of(agent: subprocess.Popen | None, shim: Proc | None = None) -> RunIdentity:
@@ -74,7 +78,7 @@ def test_a_leftover_in_the_agents_group_keeps_the_worker_live(tmp_path: Path, pr
     agent = subprocess.Popen([sys.executable, "-c",
                               "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
                               "'import time; time.sleep(60)']); print('left a child', flush=True)"],
-                             process_group=0, stdout=subprocess.PIPE, text=True)
+                             start_new_session=True, stdout=subprocess.PIPE, text=True)
     procs_started.append(agent)
     recorded = procs.describe(agent.pid)
     assert agent.stdout.readline().strip() == "left a child"

@@ -50,9 +50,13 @@ def boot_id() -> str:
 
 @dataclass(frozen=True)
 class Proc:
-    """One recorded process: pid, start time, process group and session (None in
-    records made before sessions were recorded: then only the process itself, never
-    its group, can be shown to be ours)."""
+    """One recorded process: pid, start time, process group and session. The
+    session is None when it was not recorded (records from before sessions were)
+    or cannot be seen: a process whose session leader lives outside this pid
+    namespace (a container or sandbox that started it without a session of its
+    own) reads session 0. Without a session only the process itself, never its
+    group, can be shown to be ours. The shims start a session of their own, so
+    their agents' groups can."""
 
     pid: int
     start: float
@@ -68,12 +72,12 @@ class Proc:
         if not isinstance(data, dict) or "pid" not in data or "start" not in data:
             return None
         pid, pgid = pid_of(data["pid"]), pid_of(data.get("pgid") or data["pid"])
-        sid = pid_of(data["sid"]) if data.get("sid") is not None else None
+        sid = pid_of(data["sid"]) if data.get("sid") else None  # 0: not seen, see above
         try:
             start = float(data["start"])
         except (TypeError, ValueError):
             return None
-        if pid is None or pgid is None or (data.get("sid") is not None and sid is None) or start != start:
+        if pid is None or pgid is None or (data.get("sid") and sid is None) or start != start:
             return None
         return cls(pid=pid, start=start, pgid=pgid, sid=sid)
 
@@ -189,11 +193,14 @@ def started_as(pid: int, recorded_start: float) -> bool:
 
 
 def describe(pid: int) -> Proc | None:
-    """The identity of a running process, or None if it is gone."""
+    """The identity of a running process, or None if it is gone. A group or
+    session led from outside this pid namespace reads 0: the session is then
+    unknown (see :class:`Proc`), and the group is taken to be the process's own
+    (it is only ever signalled through a known session)."""
     stat = stat_of(pid)
     if stat is None:
         return None
-    return Proc(pid=pid, start=stat.start, pgid=stat.pgid, sid=stat.sid)
+    return Proc(pid=pid, start=stat.start, pgid=stat.pgid or pid, sid=stat.sid or None)
 
 
 def is_alive(recorded: Proc | None) -> bool:
@@ -310,7 +317,7 @@ def worker_of(pid: int, task_id: str, *, not_before: float) -> Proc | None:
         proc = psutil.Process(pid)
         env = proc.environ()
         created = proc.create_time()
-        recorded = Proc(pid=pid, start=start_of(pid), pgid=os.getpgid(pid), sid=os.getsid(pid))
+        recorded = Proc(pid=pid, start=start_of(pid), pgid=os.getpgid(pid), sid=os.getsid(pid) or None)
     except (psutil.Error, ProcessLookupError):
         return None
     if task_id not in (env.get("HERMES_KANBAN_TASK"), env.get("SPARKOPS_TASK_ID")):
