@@ -30,22 +30,24 @@ def count_open_runs(db: Database, host: str) -> int:
 
 def record_process(db: Database, task_id: str, *, run_id: int, claim_lock: str,
                    worker_pid: int | None, identity: dict[str, Any],
-                   now: float | None = None) -> None:
+                   now: float | None = None) -> Any:
     """Store the run's process identity (host, boot id, pids and start times) in the
     run row's metadata, and the worker pid and claim lock in Hermes' columns.
-    Refused with :class:`StaleRun` once the run is no longer current."""
+    Refused with :class:`StaleRun` once the run is no longer current. Returns the
+    task's row as read (see :func:`sparkops.board.steps.task_row`)."""
     ts = epoch(now)
     with db.write() as conn:
         row = steps.task_row(conn, task_id)
         steps.check_run(row, run_id)
         if row.status != Status.RUNNING:
             raise StaleRun(task_id, run_id, None)
-        metadata = steps.merged_metadata(conn, run_id, identity)
+        metadata = steps.merged_metadata(row.run_metadata, identity)
         conn.execute(update(task_runs).where(task_runs.c.id == run_id, task_runs.c.ended_at.is_(None))
                      .values(metadata=json_text.text_of(metadata), claim_lock=claim_lock,
                              worker_pid=worker_pid, last_heartbeat_at=ts))
         conn.execute(update(tasks).where(tasks.c.id == task_id, tasks.c.current_run_id == run_id)
                      .values(claim_lock=claim_lock, worker_pid=worker_pid, last_heartbeat_at=ts))
+    return row
 
 
 def close_orphan_run(db: Database, run_id: int, *, reason: str, now: float | None = None) -> bool:

@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 
 # Built once and run with parameters: a transition runs a dozen statements, and building
 # them each time cost more than SQLite's work (bench/bench_vs_hermes.py).
-_TASK_ROW = select(tasks).where(tasks.c.id == bindparam("b_task"))
-_RUN_METADATA = select(task_runs.c.metadata).where(task_runs.c.id == bindparam("b_run"))
+#: The task with its current run's metadata (``run_metadata``, which closing the
+#: run keeps) and start (``run_started_at``): one read instead of two.
+_TASK_ROW = (select(tasks, task_runs.c.metadata.label("run_metadata"),
+                    task_runs.c.started_at.label("run_started_at"))
+             .select_from(tasks.outerjoin(task_runs, task_runs.c.id == tasks.c.current_run_id))
+             .where(tasks.c.id == bindparam("b_task")))
 _CLOSE_RUN = update(task_runs).where(task_runs.c.id == bindparam("b_run"), task_runs.c.ended_at.is_(None))
 _INSERT_EVENT = insert(task_events)
 
@@ -49,14 +53,14 @@ def close_run(conn: Connection, row, *, status: str, outcome: Outcome, now: int,
         return None
     conn.execute(_CLOSE_RUN, {
         "b_run": row.current_run_id, "status": status, "outcome": str(outcome), "summary": summary,
-        "error": error, "metadata": json_text.text_of(merged_metadata(conn, row.current_run_id, metadata)),
+        "error": error, "metadata": json_text.text_of(merged_metadata(row.run_metadata, metadata)),
         "ended_at": now, "claim_lock": None, "claim_expires": None, "worker_pid": None})
     return int(row.current_run_id)
 
 
-def merged_metadata(conn: Connection, run_id: int, extra: dict | None) -> dict | None:
-    """The run's metadata with ``extra`` on top (the process identity is kept)."""
-    current = conn.execute(_RUN_METADATA, {"b_run": run_id}).scalar()
+def merged_metadata(current: str | None, extra: dict | None) -> dict | None:
+    """A run's metadata (``current``, its JSON text as read: a task row's
+    ``run_metadata``) with ``extra`` on top (the process identity is kept)."""
     merged: dict = {}
     if current:
         try:
@@ -90,54 +94,60 @@ HAS_UNFINISHED_PARENT = (
 )
 
 
-#: The best ready tasks with no unfinished parent (``scan`` of them), locked as read:
-#: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` (a row another transaction is claiming
-#: is passed over, not waited for); SQLite has one writer at a time, so there the
-#: plain read is already exclusive. CAST: a text priority another writer put in
-#: SQLite's column counts as 0 (text would sort above every number and jump the queue).
+#: The best ready tasks with no unfinished parent (``scan`` of them) but those
+#: ``excluded``, locked as read: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` (a row
+#: another transaction is claiming is passed over, not waited for); SQLite has one
+#: writer at a time, so there the plain read is already exclusive. CAST: a text
+#: priority another writer put in SQLite's column counts as 0 (text would sort
+#: above every number and jump the queue).
 _BEST_READY = (
     select(tasks)
-    .where(tasks.c.status == Status.READY, ~HAS_UNFINISHED_PARENT)
+    .where(tasks.c.status == Status.READY, ~HAS_UNFINISHED_PARENT,
+           tasks.c.id.notin_(bindparam("excluded", expanding=True)))
     .order_by(cast(tasks.c.priority, Integer).desc(), tasks.c.created_at, tasks.c.id)
     .limit(bindparam("scan"))
     .with_for_update(skip_locked=True)
+    .subquery("best")
 )
 
-
-def _with_last_run(best):
-    """The rows of ``best`` (a subquery of tasks), in its order, with their last run's
-    end and outcome: looked up for those few rows only, not for every ready task."""
-    def last(column):
-        return (select(column).where(task_runs.c.task_id == best.c.id)
-                .order_by(task_runs.c.id.desc()).limit(1).scalar_subquery())
-    return (select(best, last(task_runs.c.ended_at).label("last_end"),
-                   last(task_runs.c.outcome).label("last_outcome"))
-            .order_by(cast(best.c.priority, Integer).desc(), best.c.created_at, best.c.id))
+#: The host's open runs other than the ``busy`` ones (counted by the caller).
+_OPEN_RUNS_BUT_BUSY = _OPEN_RUNS_ON_HOST.where(task_runs.c.id.notin_(bindparam("busy", expanding=True)))
 
 
-_CLAIM_CANDIDATES = _with_last_run(_BEST_READY.subquery("best"))
+def _last_run(column):
+    """``column`` of the last run of the candidate (correlated to ``_BEST_READY``)."""
+    return (select(column).where(task_runs.c.task_id == _BEST_READY.c.id)
+            .order_by(task_runs.c.id.desc()).limit(1).scalar_subquery())
+
+
+#: The candidates in their order, each with its last run's end and outcome (looked
+#: up for those few rows only, not for every ready task) and the slots the host
+#: holds, read in the same statement (so in the same snapshot) as the candidates.
+_CLAIM_CANDIDATES = (
+    select(_BEST_READY, _last_run(task_runs.c.ended_at).label("last_end"),
+           _last_run(task_runs.c.outcome).label("last_outcome"),
+           _OPEN_RUNS_BUT_BUSY.scalar_subquery().label("taken"))
+    .order_by(cast(_BEST_READY.c.priority, Integer).desc(), _BEST_READY.c.created_at, _BEST_READY.c.id)
+)
 
 
 def open_runs_on(conn: Connection, host: str) -> int:
     return int(conn.execute(_OPEN_RUNS_ON_HOST, {"host_pattern": host_lock_pattern(host)}).scalar() or 0)
 
 
-def slots_taken(conn: Connection, host: str, busy_runs: Collection[int]) -> int:
-    """Open runs of ``host`` and runs with a live agent there, each counted once."""
-    if not busy_runs:
-        return open_runs_on(conn, host)
-    others = conn.execute(_OPEN_RUNS_ON_HOST.where(task_runs.c.id.notin_(bindparam("busy", expanding=True))),
-                          {"host_pattern": host_lock_pattern(host), "busy": sorted(busy_runs)}).scalar()
-    return int(others or 0) + len(set(busy_runs))
-
-
-def claim_candidates(conn: Connection, limit: int, excluded: Collection[str] = ()):
-    """Ready tasks with no unfinished parent, best first, whole rows with their last
-    run's end and outcome, each locked for this transaction and still ready."""
-    if not excluded:
-        return conn.execute(_CLAIM_CANDIDATES, {"scan": limit}).all()
-    best = _BEST_READY.where(tasks.c.id.notin_(bindparam("excluded", expanding=True))).subquery("best")
-    return conn.execute(_with_last_run(best), {"scan": limit, "excluded": sorted(excluded)}).all()
+def claim_candidates(conn: Connection, limit: int, *, host: str, busy_runs: Collection[int] = (),
+                     excluded: Collection[str] = ()) -> tuple[int, list]:
+    """The slots ``host`` holds (its open runs and the runs with a live agent there,
+    ``busy_runs``, each counted once) and up to
+    ``limit`` ready tasks with no unfinished parent, best first: whole rows with
+    their last run's end and outcome, each locked for this transaction and still
+    ready. One statement; the slots are only known when there is a candidate (0
+    otherwise)."""
+    rows = conn.execute(_CLAIM_CANDIDATES, {
+        "scan": limit, "excluded": sorted(excluded), "busy": sorted(busy_runs),
+        "host_pattern": host_lock_pattern(host)}).all()
+    taken = int(rows[0].taken or 0) + len(set(busy_runs)) if rows else 0
+    return taken, rows
 
 
 def protocol_violation_streak(conn: Connection, task_id: str) -> int:

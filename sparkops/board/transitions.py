@@ -23,7 +23,7 @@ import logging
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Text, bindparam, cast, func, insert, literal, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -46,7 +46,7 @@ from sparkops.core import json_text
 from sparkops.core.clock import epoch
 from sparkops.core.errors import InvalidInput, NotFound, Refused, TransitionRefused
 from sparkops.storage.db import Database
-from sparkops.storage.schema import task_comments, task_links, task_runs, tasks
+from sparkops.storage.schema import task_comments, task_events, task_links, task_runs, tasks
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +241,12 @@ def claim_next(db: Database, *, host: str, lock: str, capacity: int,
     ts = epoch(now)
     with db.write() as conn:
         db.serialize_claims(conn, host)
-        if steps.slots_taken(conn, host, busy_runs) >= capacity:
-            return None
         # The best candidate is nearly always eligible: look at a few first, at
         # ``scan`` only when none of them is (backoffs, unsafe ids).
         for limit in dict.fromkeys((min(FIRST_LOOK, scan), scan)):
-            rows = steps.claim_candidates(conn, limit, excluded)
+            taken, rows = steps.claim_candidates(conn, limit, host=host, busy_runs=busy_runs, excluded=excluded)
+            if taken >= capacity:
+                return None
             for task in rows:
                 if not is_safe_id(task.id):
                     if unsafe is not None and task.id not in unsafe:
@@ -547,28 +547,91 @@ def _begin(conn: Connection, task_id: str, action: str, run_id: int | None = Non
 
 
 _INSERT_RUN = insert(task_runs)
-_SET_CURRENT_RUN = update(tasks).where(tasks.c.id == bindparam("b_id"))
 
 
 def _open_run(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
               workspace: str | None = None, metadata: dict | None = None) -> int:
     """Move ``row`` to running and open its run; returns the run id."""
-    values: dict[str, Any] = {
-        "claim_lock": lock, "claim_expires": now + ttl_seconds, "worker_pid": None,
-        "started_at": row.started_at if row.started_at is not None else now, "last_heartbeat_at": now,
-    }
-    if workspace:
-        values["workspace_path"] = workspace
-    _conditional_update(conn, row, "claim", Status.RUNNING, values)
+    if conn.dialect.name == "postgresql":
+        return _open_run_in_one(conn, row, lock=lock, ttl_seconds=ttl_seconds, now=now,
+                                workspace=workspace, metadata=metadata)
+    # The run first, so that the task moves and points at it in one statement (a
+    # refused move raises, and the transaction, run included, is rolled back).
     run_id = conn.execute(_INSERT_RUN, {
         "task_id": row.id, "profile": row.assignee, "step_key": row.current_step_key,
         "status": "running", "claim_lock": lock, "claim_expires": now + ttl_seconds,
         "max_runtime_seconds": row.max_runtime_seconds, "started_at": now, "last_heartbeat_at": now,
         "metadata": json_text.text_of(metadata),
     }).inserted_primary_key[0]
-    conn.execute(_SET_CURRENT_RUN, {"b_id": row.id, "current_run_id": run_id})
-    payload = {"lock": lock, "expires": now + ttl_seconds, "run_id": run_id}
+    values: dict[str, Any] = {
+        "claim_lock": lock, "claim_expires": now + ttl_seconds, "worker_pid": None,
+        "started_at": row.started_at if row.started_at is not None else now, "last_heartbeat_at": now,
+        "current_run_id": run_id,
+    }
+    if workspace:
+        values["workspace_path"] = workspace
+    _conditional_update(conn, row, "claim", Status.RUNNING, values)
+    steps.event(conn, row.id, "claimed", _claimed_payload(row, lock, now + ttl_seconds, run_id),
+                run_id=run_id, now=now)
+    return int(run_id)
+
+
+def _claimed_payload(row, lock: str, expires: int, run_id: int) -> dict[str, Any]:
+    payload: dict[str, Any] = {"lock": lock, "expires": expires, "run_id": run_id}
     if row.status == Status.REVIEW:
         payload["source_status"] = "review"
-    steps.event(conn, row.id, "claimed", payload, run_id=run_id, now=now)
+    return payload
+
+
+def _open_run_statement(guard_run: bool):
+    """PostgreSQL: :func:`_open_run`'s four writes as one statement (a round trip,
+    not four). The run is inserted first; the task moves only if it is still as
+    read (``moved`` counts it, and the caller rolls back when it is 0); the
+    ``claimed`` event's payload is the same JSON text with the new run's id."""
+    run = insert(task_runs).values(
+        task_id=bindparam("b_id"), profile=bindparam("b_profile"), step_key=bindparam("b_step"),
+        status="running", claim_lock=bindparam("b_lock"), claim_expires=bindparam("b_expires"),
+        max_runtime_seconds=bindparam("b_max_runtime"), started_at=bindparam("b_now"),
+        last_heartbeat_at=bindparam("b_now"), metadata=bindparam("b_metadata"),
+    ).returning(task_runs.c.id).cte("new_run")
+    guard = tasks.c.current_run_id == bindparam("b_run") if guard_run else tasks.c.current_run_id.is_(None)
+    moved = update(tasks).where(tasks.c.id == bindparam("b_id"), tasks.c.status == bindparam("b_status"),
+                                guard).values(
+        status=str(Status.RUNNING), claim_lock=bindparam("b_lock"), claim_expires=bindparam("b_expires"),
+        worker_pid=None, started_at=func.coalesce(tasks.c.started_at, bindparam("b_now")),
+        last_heartbeat_at=bindparam("b_now"),
+        workspace_path=func.coalesce(bindparam("b_workspace", type_=Text), tasks.c.workspace_path),
+        current_run_id=select(run.c.id).scalar_subquery(),
+    ).returning(tasks.c.id).cte("moved")
+    payload = bindparam("b_head", type_=Text) + cast(run.c.id, Text) + bindparam("b_tail", type_=Text)
+    event = insert(task_events).from_select(
+        ["task_id", "run_id", "kind", "payload", "created_at"],
+        select(bindparam("b_id", type_=Text), run.c.id, literal("claimed", Text), payload,
+               bindparam("b_now", type_=task_events.c.created_at.type)),
+    ).cte("claimed_event")
+    return select(run.c.id, select(func.count()).select_from(moved).scalar_subquery()).add_cte(moved, event)
+
+
+_OPEN_RUN_NO_RUN = _open_run_statement(guard_run=False)
+_OPEN_RUN_AFTER_RUN = _open_run_statement(guard_run=True)
+
+
+def _open_run_in_one(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
+                     workspace: str | None, metadata: dict | None) -> int:
+    expires = now + ttl_seconds
+    # the payload's text cut around the run id (a key in JSON text is never
+    # mistaken for a string value, whose quotes are escaped)
+    key = '"run_id": '
+    head, tail = json_text.text_of(_claimed_payload(row, lock, expires, -1)).split(key + "-1", 1)
+    params = {"b_id": row.id, "b_status": row.status, "b_profile": row.assignee,
+              "b_step": row.current_step_key, "b_lock": lock, "b_expires": expires,
+              "b_max_runtime": row.max_runtime_seconds, "b_now": now, "b_workspace": workspace or None,
+              "b_metadata": json_text.text_of(metadata), "b_head": head + key, "b_tail": tail}
+    if row.current_run_id is None:
+        statement = _OPEN_RUN_NO_RUN
+    else:
+        statement, params["b_run"] = _OPEN_RUN_AFTER_RUN, row.current_run_id
+    run_id, moved = conn.execute(statement, params).one()
+    if moved != 1:
+        raise TransitionRefused(row.id, "claim", row.status, "the task changed at the same time")
     return int(run_id)

@@ -211,18 +211,22 @@ def dispatch_native(ctx: JobContext, *, now: float | None = None) -> JobReport:
         lock = model.claim_lock(ctx.host, os.getpid())
         excluded = requirements.excluded_for(ctx.store.ops, ctx.settings["host.labels"]) | {w.task_id for w in live}
         unsafe: list[str] = []
-        while True:
+        capacity = ctx.settings["dispatch.max_in_progress"]
+        # What this tick has read already: a host it shows full does not open a
+        # write transaction at all (claim_next counts again, in the transaction).
+        held = len({r.id for r in local} - {v.run_id for v in recovered} | {w.run_id for w in live})
+        while held < capacity:
             deferred.clear()
             change = board.claim_next(
-                ctx.store.board, host=ctx.host, lock=lock,
-                capacity=ctx.settings["dispatch.max_in_progress"], policy=policy,
+                ctx.store.board, host=ctx.host, lock=lock, capacity=capacity, policy=policy,
                 workspace_root=str(ctx.settings["dispatch.workspace_root"]), now=now,
                 deferred=deferred, excluded=excluded, busy_runs={w.run_id for w in live},
                 ttl_seconds=ctx.settings["dispatch.claim_ttl_seconds"], unsafe=unsafe)
             if change is None:
                 break
             started.append(change)
-            start_shim(ctx, change, now=now)
+            if start_shim(ctx, change, now=now) is not None:  # else booked spawn_failed: no slot taken
+                held += 1
         notes += block_unsafe_ids(ctx, set(unsafe), now=now)
         if tracker is not None:
             tracker.keep_standby(ctx.settings)

@@ -62,7 +62,7 @@ from sqlalchemy.exc import DBAPIError
 from sparkops import PACKAGE_ROOT
 from sparkops.board import model, runs
 from sparkops.board import transitions as board
-from sparkops.board.model import Outcome
+from sparkops.board.model import Change, Outcome
 from sparkops.config import Settings, load_settings
 from sparkops.core import json_text, procs
 from sparkops.core.errors import (
@@ -180,16 +180,17 @@ class Shim:
         self.registry = workers.directory(settings)
         self.report_token = secrets.token_hex(16)
         self.stopped_agent = False  # the shim itself signalled the agent
+        self.reported: Change | None = None  # the agent's report, when it came through the shim
 
     # -- the steps ---------------------------------------------------------------
 
     def run(self) -> int:
         if not model.is_safe_id(self.task_id):
             raise InvalidInput(model.unsafe_id_reason(self.task_id))
-        if not self._record(agent=None):
+        task = self._record(agent=None)
+        if task is None:
             log.info("run %d of %s is no longer current; nothing to do", self.run_id, self.task_id)
             return 0
-        task = self._task()
         predecessor = self._predecessor()
         if predecessor is not None:
             return self._release(f"an agent of {self.task_id} from run {predecessor.run_id} still runs "
@@ -240,10 +241,11 @@ class Shim:
                                   f"cannot start the agent {argv[0]!r}: {exc.strerror or exc}")
             agent_proc = procs.describe(agent.pid) or Proc(agent.pid, time.time(), agent.pid)
             workers.register(self.registry, self.task_id, self.run_id, self._identity(agent=agent_proc))
-            if not self._record(agent=agent_proc):
+            if self._record(agent=agent_proc) is None:
                 self._after_close(agent, agent_proc, self._state())
                 return 0
-            code = self._supervise(agent, agent_proc, started_at=task.started_at_run)
+            code = self._supervise(agent, agent_proc, started_at=task.run_started_at,
+                                   max_runtime=task.max_runtime_seconds)
             if code is None:
                 return 0  # already booked (timed out), or closed by someone else
             return self._classify(code, workspace, log_file)
@@ -263,7 +265,7 @@ class Shim:
     def take_report(self, request: dict[str, Any], pid: int) -> dict[str, Any]:
         """The agent's report, handed over by its report process ``pid`` (on the
         listener's thread): the change, or the error the direct path would give."""
-        reporter = {"pid": pid, "token": handoff.token_digest(self.report_token)}
+        reporter = handoff.reporter({handoff.REPORT_TOKEN_ENV: self.report_token}, pid=pid)
         try:
             if request.get("verb") == "complete":
                 metadata = request.get("metadata")
@@ -285,12 +287,15 @@ class Shim:
         except DBAPIError as exc:
             return {"error": f"database error: {error_line(exc)}", "code": StorageError.exit_code}
         log.info("the agent reported: %s", change.as_dict())
+        self.reported = change
         return {"change": change.as_dict()}
 
-    def _supervise(self, agent: subprocess.Popen, agent_proc: Proc, started_at: int) -> int | None:
+    def _supervise(self, agent: subprocess.Popen, agent_proc: Proc, started_at: int,
+                   max_runtime: int | None) -> int | None:
         """Wait for the agent, watching the run and heartbeating; enforce the max
-        runtime. None when the run ended otherwise (nothing left to book)."""
-        limit = self._max_runtime()
+        runtime (the task's, else reclaim.max_runtime_seconds). None when the run
+        ended otherwise (nothing left to book)."""
+        limit = int(max_runtime or self.settings["reclaim.max_runtime_seconds"])
         deadline = started_at + limit
         beat = self.settings["dispatch.heartbeat_seconds"]
         next_beat = time.monotonic() + beat
@@ -343,6 +348,9 @@ class Shim:
         agent.wait()
 
     def _classify(self, code: int, workspace: Path, log_file: Path) -> int:
+        if self.reported is not None:  # booked by the shim itself: the run is closed
+            log.info("agent %s after its report (%s)", procs.exit_description(code), self.reported.action)
+            return 0
         state = self._state()
         if state.ours and terminated(code) and not self.stopped_agent:
             state = self._settle(code)
@@ -364,36 +372,17 @@ class Shim:
 
     # -- helpers -----------------------------------------------------------------
 
-    def _record(self, agent: Proc | None) -> bool:
+    def _record(self, agent: Proc | None):
+        """Record the shim and agent on the run; the task's row, or None once the
+        run is no longer current."""
         identity = RunIdentity(self.host, self.boot_id, shim=self.me, agent=agent)
         try:
-            self._retrying(lambda: runs.record_process(
+            return self._retrying(lambda: runs.record_process(
                 self.store.board, self.task_id, run_id=self.run_id, claim_lock=self.claim_lock,
                 worker_pid=agent.pid if agent else None, identity={"process": identity.as_dict()}),
                 "recording the worker")
-            return True
         except (StaleRun, NotFound):
-            return False
-
-    def _task(self):
-        def read():
-            with self.store.board.read() as conn:
-                return conn.execute(
-                    select(tasks.c.title, tasks.c.body, tasks.c.workspace_path, tasks.c.max_runtime_seconds,
-                           task_runs.c.started_at.label("started_at_run"))
-                    .select_from(tasks.join(task_runs, task_runs.c.id == self.run_id))
-                    .where(tasks.c.id == self.task_id)).first()
-        row = self._retrying(read, "reading the task")
-        if row is None:
-            raise NotFound("task", self.task_id)
-        return row
-
-    def _max_runtime(self) -> int:
-        def read():
-            with self.store.board.read() as conn:
-                return conn.execute(select(tasks.c.max_runtime_seconds)
-                                    .where(tasks.c.id == self.task_id)).scalar()
-        return int(self._retrying(read, "reading the max runtime") or self.settings["reclaim.max_runtime_seconds"])
+            return None
 
     def _state(self) -> RunState:
         """The run as the board has it now (one read, retried through a restart)."""

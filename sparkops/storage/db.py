@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from sparkops.config import mask_url
 from sparkops.core.errors import StorageError
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+#: A PostgreSQL connection idle this long is pinged before it is used again.
+PING_AFTER_IDLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -430,9 +432,27 @@ def _sqlite_engine(path: Path, busy_timeout_ms: int) -> Engine:
 def _postgres_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return create_engine(
-        url,
-        pool_pre_ping=True,
-        connect_args={"connect_timeout": 5, "application_name": "sparkops"},
-    )
+    engine = create_engine(url, connect_args={"connect_timeout": 5, "application_name": "sparkops"})
+
+    # SQLAlchemy's pool_pre_ping costs a round trip per transaction; a connection
+    # given back a moment ago is used as it is (a claim loop runs many transactions
+    # a second), one idle longer is pinged first, so one the server dropped
+    # (a restart) is replaced, not handed out.
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn, record):  # noqa: ANN001
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn, record, _proxy):  # noqa: ANN001
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # noqa: BLE001 - any failure means: a new connection
+            raise DisconnectionError(f"a pooled connection is gone: {exc}") from exc
+        if not alive:
+            raise DisconnectionError("a pooled connection is gone")
+
+    return engine
 
