@@ -204,6 +204,37 @@ def test_postgres_newer_schema_is_refused(tmp_path, pg_url):
     engine.dispose()
 
 
+def test_a_postgres_board_of_version_1_gets_the_claims_indexes_and_keeps_its_rows(tmp_path, pg_url):
+    """Version 2 adds indexes to a PostgreSQL board only (a SQLite board keeps
+    Hermes' DDL); the claim then reads the best ready tasks off the index instead of
+    sorting them all."""
+    settings = make_settings(tmp_path, board_url=pg_url, ops_url=pg_url)
+    store = open_store(settings, create=True, now=NOW)
+    ids = [board.create_task(store.board, f"task {i}", priority=i % 3, now=NOW) for i in range(5)]
+    store.dispose()
+    engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    indexes = text("SELECT indexname FROM pg_indexes WHERE indexname IN ('idx_tasks_ready_order', 'idx_runs_open')")
+    with engine.begin() as conn:
+        assert sorted(conn.execute(indexes).scalars()) == ["idx_runs_open", "idx_tasks_ready_order"]
+        conn.execute(text("DROP INDEX idx_tasks_ready_order; DROP INDEX idx_runs_open"))
+        conn.execute(text("UPDATE ops_schema_version SET version = 1 WHERE component = 'board'"))
+
+    store = open_store(settings, create=True, now=NOW)
+    with engine.begin() as conn:
+        assert sorted(conn.execute(indexes).scalars()) == ["idx_runs_open", "idx_tasks_ready_order"]
+        assert conn.execute(text("SELECT version FROM ops_schema_version WHERE component = 'board'")).scalar() == 2
+        conn.execute(text("SET enable_seqscan = off; SET enable_sort = off"))
+        plan = "\n".join(conn.execute(text(
+            "EXPLAIN SELECT id FROM tasks WHERE status = 'ready' "
+            "ORDER BY priority DESC, created_at, id LIMIT 8")).scalars())
+    assert "idx_tasks_ready_order" in plan
+    claimed = board.claim_next(store.board, host="h", lock="h:1", capacity=1, now=NOW)
+    assert claimed.task_id == ids[2]  # the only task of priority 2
+    assert {t["id"] for t in queries.list_tasks(store.board)} == set(ids)
+    store.dispose()
+    engine.dispose()
+
+
 def test_postgres_epoch_columns_are_bigint(tmp_path, pg_url):
     settings = make_settings(tmp_path, board_url=pg_url, ops_url=pg_url)
     store = open_store(settings, create=True, now=NOW)

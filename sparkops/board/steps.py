@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Collection
+from typing import Any
 
 from sqlalchemy import Integer, bindparam, cast, func, insert, select, update
 from sqlalchemy.engine import Connection
@@ -24,13 +25,17 @@ log = logging.getLogger(__name__)
 # Built once and run with parameters: a transition runs a dozen statements, and building
 # them each time cost more than SQLite's work (bench/bench_vs_hermes.py).
 #: The task with its current run's metadata (``run_metadata``, which closing the
-#: run keeps) and start (``run_started_at``): one read instead of two.
+#: run keeps) and start (``run_started_at``), and whether any task depends on it
+#: (``has_children``: finishing it looks for children to promote only then): one
+#: read instead of three.
 _TASK_ROW = (select(tasks, task_runs.c.metadata.label("run_metadata"),
-                    task_runs.c.started_at.label("run_started_at"))
+                    task_runs.c.started_at.label("run_started_at"),
+                    select(task_links.c.child_id).where(task_links.c.parent_id == tasks.c.id)
+                    .exists().label("has_children"))
              .select_from(tasks.outerjoin(task_runs, task_runs.c.id == tasks.c.current_run_id))
              .where(tasks.c.id == bindparam("b_task")))
-_CLOSE_RUN = update(task_runs).where(task_runs.c.id == bindparam("b_run"), task_runs.c.ended_at.is_(None))
-_INSERT_EVENT = insert(task_events)
+CLOSE_RUN = update(task_runs).where(task_runs.c.id == bindparam("b_run"), task_runs.c.ended_at.is_(None))
+INSERT_EVENT = insert(task_events)
 
 
 def task_row(conn: Connection, task_id: str):
@@ -51,11 +56,17 @@ def close_run(conn: Connection, row, *, status: str, outcome: Outcome, now: int,
               metadata: dict | None = None) -> int | None:
     if row.current_run_id is None:
         return None
-    conn.execute(_CLOSE_RUN, {
-        "b_run": row.current_run_id, "status": status, "outcome": str(outcome), "summary": summary,
-        "error": error, "metadata": json_text.text_of(merged_metadata(row.run_metadata, metadata)),
-        "ended_at": now, "claim_lock": None, "claim_expires": None, "worker_pid": None})
+    conn.execute(CLOSE_RUN, {"b_run": row.current_run_id, **closed_run_values(
+        row, status=status, outcome=outcome, now=now, summary=summary, error=error, metadata=metadata)})
     return int(row.current_run_id)
+
+
+def closed_run_values(row, *, status: str, outcome: Outcome, now: int, summary: str | None = None,
+                      error: str | None = None, metadata: dict | None = None) -> dict[str, Any]:
+    """What closing ``row``'s current run writes in it (see :func:`close_run`)."""
+    return {"status": status, "outcome": str(outcome), "summary": summary, "error": error,
+            "metadata": json_text.text_of(merged_metadata(row.run_metadata, metadata)),
+            "ended_at": now, "claim_lock": None, "claim_expires": None, "worker_pid": None}
 
 
 def merged_metadata(current: str | None, extra: dict | None) -> dict | None:
@@ -94,6 +105,12 @@ HAS_UNFINISHED_PARENT = (
 )
 
 
+#: What a claim reads of each candidate (what opening its run needs and the order):
+#: not whole rows, whose every column the driver would decode.
+CLAIM_COLUMNS = (tasks.c.id, tasks.c.status, tasks.c.priority, tasks.c.created_at, tasks.c.started_at,
+                 tasks.c.assignee, tasks.c.current_step_key, tasks.c.current_run_id,
+                 tasks.c.max_runtime_seconds, tasks.c.consecutive_failures)
+
 #: The best ready tasks with no unfinished parent (``scan`` of them) but those
 #: ``excluded``, locked as read: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` (a row
 #: another transaction is claiming is passed over, not waited for); SQLite has one
@@ -101,7 +118,7 @@ HAS_UNFINISHED_PARENT = (
 #: priority another writer put in SQLite's column counts as 0 (text would sort
 #: above every number and jump the queue).
 _BEST_READY = (
-    select(tasks)
+    select(*CLAIM_COLUMNS)
     .where(tasks.c.status == Status.READY, ~HAS_UNFINISHED_PARENT,
            tasks.c.id.notin_(bindparam("excluded", expanding=True)))
     .order_by(cast(tasks.c.priority, Integer).desc(), tasks.c.created_at, tasks.c.id)
@@ -138,11 +155,10 @@ def open_runs_on(conn: Connection, host: str) -> int:
 def claim_candidates(conn: Connection, limit: int, *, host: str, busy_runs: Collection[int] = (),
                      excluded: Collection[str] = ()) -> tuple[int, list]:
     """The slots ``host`` holds (its open runs and the runs with a live agent there,
-    ``busy_runs``, each counted once) and up to
-    ``limit`` ready tasks with no unfinished parent, best first: whole rows with
-    their last run's end and outcome, each locked for this transaction and still
-    ready. One statement; the slots are only known when there is a candidate (0
-    otherwise)."""
+    ``busy_runs``, each counted once) and up to ``limit`` ready tasks with no
+    unfinished parent, best first (:data:`CLAIM_COLUMNS`, with their last run's end
+    and outcome), each locked for this transaction and still ready. One statement;
+    the slots are only known when there is a candidate (0 otherwise)."""
     rows = conn.execute(_CLAIM_CANDIDATES, {
         "scan": limit, "excluded": sorted(excluded), "busy": sorted(busy_runs),
         "host_pattern": host_lock_pattern(host)}).all()
@@ -180,8 +196,14 @@ def synthesize_run(conn: Connection, row, outcome: Outcome, *, now: int,
 
 def event(conn: Connection, task_id: str, kind: str, payload: dict | None, *, now: int,
           run_id: int | None = None) -> None:
-    conn.execute(_INSERT_EVENT, {"task_id": task_id, "run_id": run_id, "kind": kind,
-                                 "payload": json_text.text_of(payload), "created_at": now})
+    conn.execute(INSERT_EVENT, event_values(task_id, kind, payload, now=now, run_id=run_id))
+
+
+def event_values(task_id: str, kind: str, payload: dict | None, *, now: int,
+                 run_id: int | None = None) -> dict[str, Any]:
+    """The ``task_events`` row of an event (see :func:`event`)."""
+    return {"task_id": task_id, "run_id": run_id, "kind": kind, "payload": json_text.text_of(payload),
+            "created_at": now}
 
 
 

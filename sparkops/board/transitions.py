@@ -19,6 +19,7 @@ Functions return a :class:`Change` that says what happened.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection, Iterable
 from typing import Any
@@ -281,21 +282,23 @@ def complete(db: Database, task_id: str, *, run_id: int | None = None,
         metadata = {**(metadata or {}), "reporter": reporter}
     with db.write() as conn:
         row = _begin(conn, task_id, "complete", run_id)
-        _conditional_update(conn, row, "complete", Status.DONE, {
-            **RELEASE_CLAIM, "result": result, "completed_at": ts, "block_kind": None,
-            "block_recurrences": 0, "consecutive_failures": 0, "last_failure_error": None,
-        })
+        values = {**RELEASE_CLAIM, "result": result, "completed_at": ts, "block_kind": None,
+                  "block_recurrences": 0, "consecutive_failures": 0, "last_failure_error": None}
         closing = summary if summary is not None else result
-        closed = steps.close_run(conn, row, status="done", outcome=Outcome.COMPLETED,
-                                 summary=closing, metadata=metadata, now=ts)
-        if closed is None and (closing or metadata):
-            closed = steps.synthesize_run(conn, row, Outcome.COMPLETED, summary=closing,
-                                          metadata=metadata, now=ts)
         first_line = (closing or "").strip().splitlines()[0][:400] if (closing or "").strip() else None
-        steps.event(conn, task_id, "completed",
-                    {"result_len": len(result) if result else 0, "summary": first_line},
-                    run_id=closed, now=ts)
-        _promote_children(conn, task_id, now=ts)
+        logged = ("completed", {"result_len": len(result) if result else 0, "summary": first_line})
+        if row.current_run_id is not None:
+            closed = _end_run(conn, row, "complete", Status.DONE, values, logged, now=ts, status="done",
+                              outcome=Outcome.COMPLETED, summary=closing, metadata=metadata)
+        else:
+            _conditional_update(conn, row, "complete", Status.DONE, values)
+            closed = None
+            if closing or metadata:
+                closed = steps.synthesize_run(conn, row, Outcome.COMPLETED, summary=closing,
+                                              metadata=metadata, now=ts)
+            steps.event(conn, task_id, *logged, run_id=closed, now=ts)
+        if row.has_children:
+            _promote_children(conn, task_id, now=ts)
     return Change(task_id, "complete", row.status, Status.DONE, closed)
 
 
@@ -322,12 +325,14 @@ def block(db: Database, task_id: str, *, reason: str | None = None, kind: str | 
             else:
                 target, event_kind = Status.BLOCKED, "blocked"
                 payload = {"reason": reason, "kind": kind, "recurrences": recurrences}
-        _conditional_update(conn, row, "block", target, clear)
-        closed = steps.close_run(conn, row, status="blocked", outcome=Outcome.BLOCKED, summary=reason,
-                                 metadata={"reporter": reporter} if reporter else None, now=ts)
-        if closed is None and reason:
-            closed = steps.synthesize_run(conn, row, Outcome.BLOCKED, summary=reason, now=ts)
-        steps.event(conn, task_id, event_kind, payload, run_id=closed, now=ts)
+        if row.current_run_id is not None:
+            closed = _end_run(conn, row, "block", target, clear, (event_kind, payload), now=ts,
+                              status="blocked", outcome=Outcome.BLOCKED, summary=reason,
+                              metadata={"reporter": reporter} if reporter else None)
+        else:
+            _conditional_update(conn, row, "block", target, clear)
+            closed = steps.synthesize_run(conn, row, Outcome.BLOCKED, summary=reason, now=ts) if reason else None
+            steps.event(conn, task_id, event_kind, payload, run_id=closed, now=ts)
     return Change(task_id, "block", row.status, target, closed)
 
 
@@ -378,7 +383,8 @@ def archive(db: Database, task_id: str, *, now: float | None = None) -> Change:
         closed = steps.close_run(conn, row, status="reclaimed", outcome=Outcome.RECLAIMED,
                                  summary="task archived with run still active", now=ts)
         steps.event(conn, task_id, "archived", None, run_id=closed, now=ts)
-        _promote_children(conn, task_id, now=ts)
+        if row.has_children:
+            _promote_children(conn, task_id, now=ts)
     return Change(task_id, "archive", row.status, Status.ARCHIVED, closed)
 
 
@@ -391,12 +397,10 @@ def reclaim(db: Database, task_id: str, *, run_id: int, reason: str,
     stale information changes nothing."""
     ts = epoch(now)
     with db.write() as conn:
-        row = _begin(conn, task_id, "reclaim", run_id)
-        _conditional_update(conn, row, "reclaim", Status.READY, RELEASE_CLAIM)
-        steps.close_run(conn, row, status="reclaimed", outcome=Outcome.RECLAIMED,
-                        error=reason[:ERROR_EXCERPT], now=ts)
-        steps.event(conn, task_id, "reclaimed", {"reason": reason, "prev_lock": row.claim_lock},
-                    run_id=run_id, now=ts)
+        row = _begin(conn, task_id, "reclaim", run_id)  # fenced: run_id is the current run
+        _end_run(conn, row, "reclaim", Status.READY, RELEASE_CLAIM,
+                 ("reclaimed", {"reason": reason, "prev_lock": row.claim_lock}), now=ts,
+                 status="reclaimed", outcome=Outcome.RECLAIMED, error=reason[:ERROR_EXCERPT])
     return Change(task_id, "reclaim", row.status, Status.READY, run_id)
 
 
@@ -443,14 +447,12 @@ def fail(db: Database, task_id: str, *, run_id: int, outcome: Outcome, error: st
         values: dict[str, Any] = {**RELEASE_CLAIM, "consecutive_failures": failures}
         if outcome != Outcome.RATE_LIMITED:
             values["last_failure_error"] = excerpt
-        _conditional_update(conn, row, "fail", target, values)
         booked = Outcome.CRASHED if violation else outcome
         metadata: dict[str, Any] = {"failures": failures}
         if violation:
             metadata.update(protocol_violation=True, exit_code=0)
-        steps.close_run(conn, row, status=str(booked), outcome=booked, error=excerpt, metadata=metadata, now=ts)
-        steps.event(conn, task_id, str(outcome), {"error": excerpt, "failures": failures},
-                    run_id=run_id, now=ts)
+        _end_run(conn, row, "fail", target, values, (str(outcome), {"error": excerpt, "failures": failures}),
+                 now=ts, status=str(booked), outcome=booked, error=excerpt, metadata=metadata)
         if tripped:
             steps.event(conn, task_id, "gave_up", {
                 "failures": failures, "effective_limit": limit, "limit_source": source,
@@ -508,6 +510,48 @@ def _conditional_update(conn: Connection, row, action: str, target: Status,
     won = conn.execute(statement, params).rowcount
     if won != 1:
         raise TransitionRefused(row.id, action, row.status, "the task changed at the same time")
+
+
+def _end_run(conn: Connection, row, action: str, target: Status, values: dict[str, Any],
+             logged: tuple[str, dict | None], *, now: int, **closing: Any) -> int:
+    """How a run ends in complete, block, fail and reclaim: the task moves to
+    ``target`` with ``values`` only if nobody changed it since it was read (as
+    :func:`_conditional_update`), its current run is closed (``closing``: see
+    :func:`sparkops.board.steps.closed_run_values`) and the event ``logged`` (kind,
+    payload) is appended for that run. Returns the run's id.
+
+    On PostgreSQL the three writes are one statement (three round trips are one): the
+    task's update is a data-modifying CTE whose row count says whether it won, and a
+    refused move raises, which rolls the whole transaction back."""
+    run_id = int(row.current_run_id)
+    kind, payload = logged
+    if conn.dialect.name != "postgresql":
+        _conditional_update(conn, row, action, target, values)
+        steps.close_run(conn, row, now=now, **closing)
+        steps.event(conn, row.id, kind, payload, run_id=run_id, now=now)
+        return run_id
+    moved = {"status": str(target), **values}
+    run = steps.closed_run_values(row, now=now, **closing)
+    logged_row = steps.event_values(row.id, kind, payload, now=now, run_id=run_id)
+    statement = _end_run_statement(tuple(moved), tuple(run), tuple(logged_row))
+    won = conn.execute(statement, {
+        "b_id": row.id, "b_status": row.status, "b_run": run_id,
+        **{f"t_{k}": v for k, v in moved.items()}, **{f"r_{k}": v for k, v in run.items()},
+        **{f"e_{k}": v for k, v in logged_row.items()}}).scalar()
+    if won != 1:
+        raise TransitionRefused(row.id, action, row.status, "the task changed at the same time")
+    return run_id
+
+
+@functools.cache
+def _end_run_statement(task_keys: tuple[str, ...], run_keys: tuple[str, ...], event_keys: tuple[str, ...]):
+    """:func:`_end_run`'s statement for PostgreSQL, built once per set of columns."""
+    def bound(table, keys, prefix):
+        return {k: bindparam(f"{prefix}{k}", type_=table.c[k].type) for k in keys}
+    moved = _GUARDED_RUN.values(bound(tasks, task_keys, "t_")).returning(tasks.c.id).cte("moved")
+    closed = steps.CLOSE_RUN.values(bound(task_runs, run_keys, "r_")).cte("closed")
+    logged = steps.INSERT_EVENT.values(bound(task_events, event_keys, "e_")).cte("logged")
+    return select(select(func.count()).select_from(moved).scalar_subquery()).add_cte(closed, logged)
 
 
 _PROMOTABLE_CHILDREN = select(tasks.c.id).where(

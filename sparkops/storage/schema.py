@@ -457,6 +457,24 @@ def _board_v1(conn: Connection) -> None:
     _create_missing(conn, board_metadata)
 
 
+#: Indexes of a PostgreSQL board that Hermes' schema does not have (a SQLite board
+#: keeps Hermes' DDL exactly; Hermes never opens a PostgreSQL one). The claim reads
+#: the best few ready tasks in order and counts a host's open runs: without them
+#: PostgreSQL sorted every ready task and scanned every run at each claim.
+POSTGRES_BOARD_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS idx_tasks_ready_order ON tasks (priority DESC, created_at, id) "
+    "WHERE status = 'ready'",
+    "CREATE INDEX IF NOT EXISTS idx_runs_open ON task_runs (id) WHERE ended_at IS NULL",
+)
+
+
+def _board_v2(conn: Connection) -> None:
+    """PostgreSQL: the claim's indexes (:data:`POSTGRES_BOARD_INDEXES`). SQLite: nothing."""
+    if conn.dialect.name == "postgresql":
+        for ddl in POSTGRES_BOARD_INDEXES:
+            conn.execute(text(ddl))
+
+
 def _ops_v1(conn: Connection) -> None:
     ops_schema_version.create(conn, checkfirst=True)
 
@@ -469,6 +487,7 @@ def _ops_v2(conn: Connection) -> None:
 
 BOARD_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "Hermes Kanban tables (hermes-agent 0.19)", _board_v1),
+    Migration(2, "PostgreSQL: the claim's indexes", _board_v2),
 )
 OPS_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ops_schema_version", _ops_v1),
