@@ -8,7 +8,10 @@ only backend; counted with ``sqlite3``'s trace callback, in the ``.venv-hermes``
 the tests install) and SparkOps' ``board.transitions`` on SQLite and PostgreSQL
 (counted with SQLAlchemy's cursor and transaction events). Also SparkOps'
 dispatcher claim (``claim_next``: the best eligible ready task within the host's
-capacity), which Hermes does as a ``list`` then a ``claim``.
+capacity), which Hermes does as a ``list`` then a ``claim``, and a shim's whole run
+(recording itself and its agent, watching the run while the agent starts, the
+agent's report handed to it; the report process's own statements are not counted:
+through the shim it makes none).
 
     .venv/bin/python bench/bench_statements.py [--pg ADMIN_URL]
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -69,16 +73,20 @@ def hermes_counts(db: str) -> dict[str, int]:
     return counts
 
 
-def sparkops_counts(board_url: str, ops_url: str) -> dict[str, int]:
+def sparkops_counts(board_url: str, ops_url: str, workdir: str) -> dict[str, int]:
     sys.path.insert(0, str(ROOT))
+    os.environ["PYTHONPATH"] = str(ROOT)  # for the agent's report process
     from sqlalchemy import event
 
+    from sparkops.board import queries
     from sparkops.board import transitions as board
     from sparkops.board.model import FailureLimits, Outcome
     from sparkops.config import load_settings
     from sparkops.storage.store import open_store
 
-    settings = load_settings(env={"SPARKOPS_STORAGE_BOARD_URL": board_url, "SPARKOPS_STORAGE_OPS_URL": ops_url})
+    agent = ["{python}", "-m", "sparkops", "task", "complete", "{task_id}", "--run", "{run_id}", "--result", "ok"]
+    settings = load_settings(env={"SPARKOPS_STORAGE_BOARD_URL": board_url, "SPARKOPS_STORAGE_OPS_URL": ops_url,
+                                  "SPARKOPS_DISPATCH_AGENT_ARGV": json.dumps(agent)}, cwd=Path(workdir))
     store = open_store(settings, create=True)
     db = store.board
     seen: list[str] = []
@@ -114,8 +122,23 @@ def sparkops_counts(board_url: str, ops_url: str) -> dict[str, int]:
     claim(d)
     counts["reclaim"] = count(lambda: board.reclaim(db, d, run_id=runs[d], reason="bench"))
     counts["claim_next"] = count(lambda: board.claim_next(db, host="bench", lock="bench:1", capacity=8))
+    task = board.create_task(db, "a shim's run")
+    run = board.claim(db, task, lock="bench:1").run_id
+    counts["a shim's run"] = count(lambda: shim_run(settings, store, task, run))
+    if queries.get_task(db, task)["status"] != "done":
+        raise SystemExit("the shim's run did not complete its task")
     store.dispose()
     return counts
+
+
+def shim_run(settings, store, task: str, run: int) -> None:
+    """A run from its shim's start to its end: the shim records itself and the agent,
+    the agent (``python -m sparkops task complete``) hands its report to the shim,
+    which makes it. Only the shim's statements are counted (the report process is
+    another process; through the shim it makes none)."""
+    from sparkops.engine.shim import Shim
+
+    Shim(settings, store, task, run).run()
 
 
 def main() -> int:
@@ -131,7 +154,7 @@ def main() -> int:
         out = subprocess.run([str(HERMES_PYTHON), "-c", code], capture_output=True, text=True, check=True,
                              env=_env(Path(tmp)), cwd=tmp)
         columns["Hermes 0.19 (SQLite)"] = json.loads(out.stdout.strip().splitlines()[-1])
-        columns["SparkOps (SQLite)"] = sparkops_counts(f"sqlite:///{tmp}/kanban.db", f"sqlite:///{tmp}/ops.db")
+        columns["SparkOps (SQLite)"] = sparkops_counts(f"sqlite:///{tmp}/kanban.db", f"sqlite:///{tmp}/ops.db", tmp)
     if args.pg:
         from sqlalchemy import create_engine, text
 
@@ -141,7 +164,8 @@ def main() -> int:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         url = f"{args.pg.rsplit('/', 1)[0]}/{name}".replace("postgresql+psycopg://", "postgresql://")
         try:
-            columns["SparkOps (PostgreSQL)"] = sparkops_counts(url, url)
+            with tempfile.TemporaryDirectory(prefix="sparkops-statements-") as tmp:
+                columns["SparkOps (PostgreSQL)"] = sparkops_counts(url, url, tmp)
         finally:
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -149,7 +173,7 @@ def main() -> int:
     names = list(columns)
     print("| transition | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
-    for step in (*TRANSITIONS, "claim_next"):
+    for step in (*TRANSITIONS, "claim_next", "a shim's run"):
         print(f"| {step} | " + " | ".join(str(columns[n].get(step, "-")) for n in names) + " |")
     return 0
 

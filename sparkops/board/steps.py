@@ -1,22 +1,29 @@
 """The steps every transition takes (:mod:`sparkops.board.transitions` decides which):
 read and lock the task row, check a worker's run id, open and close runs, append
-events, and the reads a claim needs (ready candidates, slots a host holds). A
-task's status is written only by the transitions themselves.
+events, and the reads a claim needs (ready candidates, slots a host holds).
+
+A task's status is decided only by the transitions: the writes here that change
+it (:func:`guarded_update`, :func:`open_run`, :func:`end_run`) take the target
+from their caller and refuse if the row changed since it was read. They also
+decide how the writes reach the database: one statement at a time on SQLite, which
+runs in this process, and folded into one statement on PostgreSQL, where each
+statement is a round trip (a claim's four writes, a run's end's three).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, cast, func, insert, select, update
+from sqlalchemy import Integer, Text, bindparam, cast, func, insert, literal, select, update
 from sqlalchemy.engine import Connection
 
 from sparkops.board.model import FINISHED, Outcome, Status, host_lock_pattern, is_protocol_violation
 from sparkops.core import json_text
-from sparkops.core.errors import NotFound, StaleRun
+from sparkops.core.errors import NotFound, StaleRun, TransitionRefused
 from sparkops.storage.schema import task_events, task_links, task_runs, tasks
 
 log = logging.getLogger(__name__)
@@ -245,3 +252,157 @@ def path_between(conn: Connection, start: str, goal: str) -> list[str]:
                 return list(reversed(path))
             frontier.append(child)
     return []
+
+
+# -- the writes of a transition (its target status is the caller's) ---------------------
+
+
+_GUARDED = update(tasks).where(tasks.c.id == bindparam("b_id"), tasks.c.status == bindparam("b_status"))
+_GUARDED_NO_RUN = _GUARDED.where(tasks.c.current_run_id.is_(None))
+_GUARDED_RUN = _GUARDED.where(tasks.c.current_run_id == bindparam("b_run"))
+
+
+def guarded_update(conn: Connection, row, action: str, target: Status,
+                        values: dict[str, Any]) -> None:
+    """Move ``row`` to ``target`` only if nobody changed it since we read it."""
+    params = {"b_id": row.id, "b_status": row.status, "status": str(target), **values}
+    if row.current_run_id is None:
+        statement = _GUARDED_NO_RUN
+    else:
+        statement, params["b_run"] = _GUARDED_RUN, row.current_run_id
+    won = conn.execute(statement, params).rowcount
+    if won != 1:
+        raise TransitionRefused(row.id, action, row.status, "the task changed at the same time")
+
+
+def end_run(conn: Connection, row, action: str, target: Status, values: dict[str, Any],
+             logged: tuple[str, dict | None], *, now: int, **closing: Any) -> int:
+    """How a run ends in complete, block, fail and reclaim: the task moves to
+    ``target`` with ``values`` only if nobody changed it since it was read (as
+    :func:`guarded_update`), its current run is closed (``closing``: see
+    :func:`closed_run_values`) and the event ``logged`` (kind,
+    payload) is appended for that run. Returns the run's id.
+
+    On PostgreSQL the three writes are one statement (three round trips are one): the
+    task's update is a data-modifying CTE whose row count says whether it won, and a
+    refused move raises, which rolls the whole transaction back."""
+    run_id = int(row.current_run_id)
+    kind, payload = logged
+    if conn.dialect.name != "postgresql":
+        guarded_update(conn, row, action, target, values)
+        close_run(conn, row, now=now, **closing)
+        event(conn, row.id, kind, payload, run_id=run_id, now=now)
+        return run_id
+    moved = {"status": str(target), **values}
+    run = closed_run_values(row, now=now, **closing)
+    logged_row = event_values(row.id, kind, payload, now=now, run_id=run_id)
+    statement = _end_run_statement(tuple(moved), tuple(run), tuple(logged_row))
+    won = conn.execute(statement, {
+        "b_id": row.id, "b_status": row.status, "b_run": run_id,
+        **{f"t_{k}": v for k, v in moved.items()}, **{f"r_{k}": v for k, v in run.items()},
+        **{f"e_{k}": v for k, v in logged_row.items()}}).scalar()
+    if won != 1:
+        raise TransitionRefused(row.id, action, row.status, "the task changed at the same time")
+    return run_id
+
+
+@functools.cache
+def _end_run_statement(task_keys: tuple[str, ...], run_keys: tuple[str, ...], event_keys: tuple[str, ...]):
+    """:func:`end_run`'s statement for PostgreSQL, built once per set of columns."""
+    def bound(table, keys, prefix):
+        return {k: bindparam(f"{prefix}{k}", type_=table.c[k].type) for k in keys}
+    moved = _GUARDED_RUN.values(bound(tasks, task_keys, "t_")).returning(tasks.c.id).cte("moved")
+    closed = CLOSE_RUN.values(bound(task_runs, run_keys, "r_")).cte("closed")
+    logged = INSERT_EVENT.values(bound(task_events, event_keys, "e_")).cte("logged")
+    return select(select(func.count()).select_from(moved).scalar_subquery()).add_cte(closed, logged)
+
+
+_INSERT_RUN = insert(task_runs)
+
+
+def open_run(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
+              workspace: str | None = None, metadata: dict | None = None) -> int:
+    """Move ``row`` to running and open its run; returns the run id."""
+    if conn.dialect.name == "postgresql":
+        return _open_run_in_one(conn, row, lock=lock, ttl_seconds=ttl_seconds, now=now,
+                                workspace=workspace, metadata=metadata)
+    # The run first, so that the task moves and points at it in one statement (a
+    # refused move raises, and the transaction, run included, is rolled back).
+    run_id = conn.execute(_INSERT_RUN, {
+        "task_id": row.id, "profile": row.assignee, "step_key": row.current_step_key,
+        "status": "running", "claim_lock": lock, "claim_expires": now + ttl_seconds,
+        "max_runtime_seconds": row.max_runtime_seconds, "started_at": now, "last_heartbeat_at": now,
+        "metadata": json_text.text_of(metadata),
+    }).inserted_primary_key[0]
+    values: dict[str, Any] = {
+        "claim_lock": lock, "claim_expires": now + ttl_seconds, "worker_pid": None,
+        "started_at": row.started_at if row.started_at is not None else now, "last_heartbeat_at": now,
+        "current_run_id": run_id,
+    }
+    if workspace:
+        values["workspace_path"] = workspace
+    guarded_update(conn, row, "claim", Status.RUNNING, values)
+    event(conn, row.id, "claimed", _claimed_payload(row, lock, now + ttl_seconds, run_id),
+                run_id=run_id, now=now)
+    return int(run_id)
+
+
+def _claimed_payload(row, lock: str, expires: int, run_id: int) -> dict[str, Any]:
+    payload: dict[str, Any] = {"lock": lock, "expires": expires, "run_id": run_id}
+    if row.status == Status.REVIEW:
+        payload["source_status"] = "review"
+    return payload
+
+
+def _open_run_statement(guard_run: bool):
+    """PostgreSQL: :func:`open_run`'s four writes as one statement (a round trip,
+    not four). The run is inserted first; the task moves only if it is still as
+    read (``moved`` counts it, and the caller rolls back when it is 0); the
+    ``claimed`` event's payload is the same JSON text with the new run's id."""
+    run = insert(task_runs).values(
+        task_id=bindparam("b_id"), profile=bindparam("b_profile"), step_key=bindparam("b_step"),
+        status="running", claim_lock=bindparam("b_lock"), claim_expires=bindparam("b_expires"),
+        max_runtime_seconds=bindparam("b_max_runtime"), started_at=bindparam("b_now"),
+        last_heartbeat_at=bindparam("b_now"), metadata=bindparam("b_metadata"),
+    ).returning(task_runs.c.id).cte("new_run")
+    guard = tasks.c.current_run_id == bindparam("b_run") if guard_run else tasks.c.current_run_id.is_(None)
+    moved = update(tasks).where(tasks.c.id == bindparam("b_id"), tasks.c.status == bindparam("b_status"),
+                                guard).values(
+        status=str(Status.RUNNING), claim_lock=bindparam("b_lock"), claim_expires=bindparam("b_expires"),
+        worker_pid=None, started_at=func.coalesce(tasks.c.started_at, bindparam("b_now")),
+        last_heartbeat_at=bindparam("b_now"),
+        workspace_path=func.coalesce(bindparam("b_workspace", type_=Text), tasks.c.workspace_path),
+        current_run_id=select(run.c.id).scalar_subquery(),
+    ).returning(tasks.c.id).cte("moved")
+    payload = bindparam("b_head", type_=Text) + cast(run.c.id, Text) + bindparam("b_tail", type_=Text)
+    event = insert(task_events).from_select(
+        ["task_id", "run_id", "kind", "payload", "created_at"],
+        select(bindparam("b_id", type_=Text), run.c.id, literal("claimed", Text), payload,
+               bindparam("b_now", type_=task_events.c.created_at.type)),
+    ).cte("claimed_event")
+    return select(run.c.id, select(func.count()).select_from(moved).scalar_subquery()).add_cte(moved, event)
+
+
+_OPEN_RUN_NO_RUN = _open_run_statement(guard_run=False)
+_OPEN_RUN_AFTER_RUN = _open_run_statement(guard_run=True)
+
+
+def _open_run_in_one(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
+                     workspace: str | None, metadata: dict | None) -> int:
+    expires = now + ttl_seconds
+    # the payload's text cut around the run id (a key in JSON text is never
+    # mistaken for a string value, whose quotes are escaped)
+    key = '"run_id": '
+    head, tail = json_text.text_of(_claimed_payload(row, lock, expires, -1)).split(key + "-1", 1)
+    params = {"b_id": row.id, "b_status": row.status, "b_profile": row.assignee,
+              "b_step": row.current_step_key, "b_lock": lock, "b_expires": expires,
+              "b_max_runtime": row.max_runtime_seconds, "b_now": now, "b_workspace": workspace or None,
+              "b_metadata": json_text.text_of(metadata), "b_head": head + key, "b_tail": tail}
+    if row.current_run_id is None:
+        statement = _OPEN_RUN_NO_RUN
+    else:
+        statement, params["b_run"] = _OPEN_RUN_AFTER_RUN, row.current_run_id
+    run_id, moved = conn.execute(statement, params).one()
+    if moved != 1:
+        raise TransitionRefused(row.id, "claim", row.status, "the task changed at the same time")
+    return int(run_id)

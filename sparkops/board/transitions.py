@@ -1,6 +1,7 @@
-"""The state machine: the one module that changes a task's status.
+"""The state machine: the one module that decides a task's status.
 
-Every change follows one pattern, in one writing transaction:
+Every change follows one pattern, in one writing transaction (the writes
+themselves are :mod:`sparkops.board.steps`'s, which take the target from here):
 
 1. read the task row (``NotFound`` if there is none);
 2. check the action is allowed from its status (:data:`TRANSITIONS`) and, for a
@@ -8,7 +9,8 @@ Every change follows one pattern, in one writing transaction:
    token; ``StaleRun`` otherwise);
 3. a conditional ``UPDATE ... WHERE id = ? AND status = ? AND current_run_id IS ?``
    whose rowcount says whether we won (``TransitionRefused`` if not);
-4. open or close the ``task_runs`` row and append a ``task_events`` row.
+4. open or close the ``task_runs`` row and append a ``task_events`` row (on
+   PostgreSQL 3 and 4 are one statement: see :mod:`sparkops.board.steps`).
 
 Semantics follow Hermes Kanban (hermes-agent 0.19) so a board can be worked by
 both: the same event kinds and payloads, run ``status``/``outcome`` pairs,
@@ -19,12 +21,11 @@ Functions return a :class:`Change` that says what happened.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from sqlalchemy import Text, bindparam, cast, func, insert, literal, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -43,11 +44,10 @@ from sparkops.board.model import (
     is_safe_id,
     new_task_id,
 )
-from sparkops.core import json_text
 from sparkops.core.clock import epoch
 from sparkops.core.errors import InvalidInput, NotFound, Refused, TransitionRefused
 from sparkops.storage.db import Database
-from sparkops.storage.schema import task_comments, task_events, task_links, task_runs, tasks
+from sparkops.storage.schema import task_comments, task_links, tasks
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def claim(db: Database, task_id: str, *, lock: str, ttl_seconds: int = DEFAULT_C
             if unfinished:
                 raise TransitionRefused(task_id, "claim", row.status,
                                         "parents not finished: " + ", ".join(unfinished))
-        run_id = _open_run(conn, row, lock=lock, ttl_seconds=ttl_seconds, now=ts)
+        run_id = steps.open_run(conn, row, lock=lock, ttl_seconds=ttl_seconds, now=ts)
     return Change(task_id, "claim", row.status, Status.RUNNING, run_id)
 
 
@@ -260,7 +260,7 @@ def claim_next(db: Database, *, host: str, lock: str, capacity: int,
                         deferred.append(not_before)
                     continue
                 workspace = f"{workspace_root.rstrip('/')}/{task.id}" if workspace_root else None
-                run_id = _open_run(conn, task, lock=lock, ttl_seconds=ttl_seconds, now=ts,
+                run_id = steps.open_run(conn, task, lock=lock, ttl_seconds=ttl_seconds, now=ts,
                                    workspace=workspace,
                                    metadata={"claimed_by": "sparkops", "host": host})
                 return Change(task.id, "claim", task.status, Status.RUNNING, run_id)
@@ -288,10 +288,10 @@ def complete(db: Database, task_id: str, *, run_id: int | None = None,
         first_line = (closing or "").strip().splitlines()[0][:400] if (closing or "").strip() else None
         logged = ("completed", {"result_len": len(result) if result else 0, "summary": first_line})
         if row.current_run_id is not None:
-            closed = _end_run(conn, row, "complete", Status.DONE, values, logged, now=ts, status="done",
+            closed = steps.end_run(conn, row, "complete", Status.DONE, values, logged, now=ts, status="done",
                               outcome=Outcome.COMPLETED, summary=closing, metadata=metadata)
         else:
-            _conditional_update(conn, row, "complete", Status.DONE, values)
+            steps.guarded_update(conn, row, "complete", Status.DONE, values)
             closed = None
             if closing or metadata:
                 closed = steps.synthesize_run(conn, row, Outcome.COMPLETED, summary=closing,
@@ -326,11 +326,11 @@ def block(db: Database, task_id: str, *, reason: str | None = None, kind: str | 
                 target, event_kind = Status.BLOCKED, "blocked"
                 payload = {"reason": reason, "kind": kind, "recurrences": recurrences}
         if row.current_run_id is not None:
-            closed = _end_run(conn, row, "block", target, clear, (event_kind, payload), now=ts,
+            closed = steps.end_run(conn, row, "block", target, clear, (event_kind, payload), now=ts,
                               status="blocked", outcome=Outcome.BLOCKED, summary=reason,
                               metadata={"reporter": reporter} if reporter else None)
         else:
-            _conditional_update(conn, row, "block", target, clear)
+            steps.guarded_update(conn, row, "block", target, clear)
             closed = steps.synthesize_run(conn, row, Outcome.BLOCKED, summary=reason, now=ts) if reason else None
             steps.event(conn, task_id, event_kind, payload, run_id=closed, now=ts)
     return Change(task_id, "block", row.status, target, closed)
@@ -343,7 +343,7 @@ def unblock(db: Database, task_id: str, *, now: float | None = None) -> Change:
     with db.write() as conn:
         row = _begin(conn, task_id, "unblock")
         target = Status.TODO if steps.unfinished_parents(conn, task_id) else Status.READY
-        _conditional_update(conn, row, "unblock", target, {
+        steps.guarded_update(conn, row, "unblock", target, {
             "current_run_id": None, "consecutive_failures": 0, "last_failure_error": None,
         })
         steps.close_run(conn, row, status="reclaimed", outcome=Outcome.RECLAIMED,
@@ -365,7 +365,7 @@ def promote(db: Database, task_id: str, *, actor: str = "user", reason: str | No
             raise TransitionRefused(task_id, "promote", row.status,
                                     "parents not finished: " + ", ".join(unfinished)
                                     + " (use --force to override)")
-        _conditional_update(conn, row, "promote", Status.READY, {})
+        steps.guarded_update(conn, row, "promote", Status.READY, {})
         steps.event(conn, task_id, "promoted_manual",
                     {"actor": actor, "reason": reason, "forced": force}, now=ts)
     return Change(task_id, "promote", row.status, Status.READY)
@@ -379,7 +379,7 @@ def archive(db: Database, task_id: str, *, now: float | None = None) -> Change:
     with db.write() as conn:
         row = steps.task_row(conn, task_id)
         _check_allowed(row, "archive")
-        _conditional_update(conn, row, "archive", Status.ARCHIVED, RELEASE_CLAIM)
+        steps.guarded_update(conn, row, "archive", Status.ARCHIVED, RELEASE_CLAIM)
         closed = steps.close_run(conn, row, status="reclaimed", outcome=Outcome.RECLAIMED,
                                  summary="task archived with run still active", now=ts)
         steps.event(conn, task_id, "archived", None, run_id=closed, now=ts)
@@ -398,7 +398,7 @@ def reclaim(db: Database, task_id: str, *, run_id: int, reason: str,
     ts = epoch(now)
     with db.write() as conn:
         row = _begin(conn, task_id, "reclaim", run_id)  # fenced: run_id is the current run
-        _end_run(conn, row, "reclaim", Status.READY, RELEASE_CLAIM,
+        steps.end_run(conn, row, "reclaim", Status.READY, RELEASE_CLAIM,
                  ("reclaimed", {"reason": reason, "prev_lock": row.claim_lock}), now=ts,
                  status="reclaimed", outcome=Outcome.RECLAIMED, error=reason[:ERROR_EXCERPT])
     return Change(task_id, "reclaim", row.status, Status.READY, run_id)
@@ -451,7 +451,7 @@ def fail(db: Database, task_id: str, *, run_id: int, outcome: Outcome, error: st
         metadata: dict[str, Any] = {"failures": failures}
         if violation:
             metadata.update(protocol_violation=True, exit_code=0)
-        _end_run(conn, row, "fail", target, values, (str(outcome), {"error": excerpt, "failures": failures}),
+        steps.end_run(conn, row, "fail", target, values, (str(outcome), {"error": excerpt, "failures": failures}),
                  now=ts, status=str(booked), outcome=booked, error=excerpt, metadata=metadata)
         if tripped:
             steps.event(conn, task_id, "gave_up", {
@@ -494,66 +494,6 @@ def _check_allowed(row, action: str) -> None:
         )
 
 
-_GUARDED = update(tasks).where(tasks.c.id == bindparam("b_id"), tasks.c.status == bindparam("b_status"))
-_GUARDED_NO_RUN = _GUARDED.where(tasks.c.current_run_id.is_(None))
-_GUARDED_RUN = _GUARDED.where(tasks.c.current_run_id == bindparam("b_run"))
-
-
-def _conditional_update(conn: Connection, row, action: str, target: Status,
-                        values: dict[str, Any]) -> None:
-    """Move ``row`` to ``target`` only if nobody changed it since we read it."""
-    params = {"b_id": row.id, "b_status": row.status, "status": str(target), **values}
-    if row.current_run_id is None:
-        statement = _GUARDED_NO_RUN
-    else:
-        statement, params["b_run"] = _GUARDED_RUN, row.current_run_id
-    won = conn.execute(statement, params).rowcount
-    if won != 1:
-        raise TransitionRefused(row.id, action, row.status, "the task changed at the same time")
-
-
-def _end_run(conn: Connection, row, action: str, target: Status, values: dict[str, Any],
-             logged: tuple[str, dict | None], *, now: int, **closing: Any) -> int:
-    """How a run ends in complete, block, fail and reclaim: the task moves to
-    ``target`` with ``values`` only if nobody changed it since it was read (as
-    :func:`_conditional_update`), its current run is closed (``closing``: see
-    :func:`sparkops.board.steps.closed_run_values`) and the event ``logged`` (kind,
-    payload) is appended for that run. Returns the run's id.
-
-    On PostgreSQL the three writes are one statement (three round trips are one): the
-    task's update is a data-modifying CTE whose row count says whether it won, and a
-    refused move raises, which rolls the whole transaction back."""
-    run_id = int(row.current_run_id)
-    kind, payload = logged
-    if conn.dialect.name != "postgresql":
-        _conditional_update(conn, row, action, target, values)
-        steps.close_run(conn, row, now=now, **closing)
-        steps.event(conn, row.id, kind, payload, run_id=run_id, now=now)
-        return run_id
-    moved = {"status": str(target), **values}
-    run = steps.closed_run_values(row, now=now, **closing)
-    logged_row = steps.event_values(row.id, kind, payload, now=now, run_id=run_id)
-    statement = _end_run_statement(tuple(moved), tuple(run), tuple(logged_row))
-    won = conn.execute(statement, {
-        "b_id": row.id, "b_status": row.status, "b_run": run_id,
-        **{f"t_{k}": v for k, v in moved.items()}, **{f"r_{k}": v for k, v in run.items()},
-        **{f"e_{k}": v for k, v in logged_row.items()}}).scalar()
-    if won != 1:
-        raise TransitionRefused(row.id, action, row.status, "the task changed at the same time")
-    return run_id
-
-
-@functools.cache
-def _end_run_statement(task_keys: tuple[str, ...], run_keys: tuple[str, ...], event_keys: tuple[str, ...]):
-    """:func:`_end_run`'s statement for PostgreSQL, built once per set of columns."""
-    def bound(table, keys, prefix):
-        return {k: bindparam(f"{prefix}{k}", type_=table.c[k].type) for k in keys}
-    moved = _GUARDED_RUN.values(bound(tasks, task_keys, "t_")).returning(tasks.c.id).cte("moved")
-    closed = steps.CLOSE_RUN.values(bound(task_runs, run_keys, "r_")).cte("closed")
-    logged = steps.INSERT_EVENT.values(bound(task_events, event_keys, "e_")).cte("logged")
-    return select(select(func.count()).select_from(moved).scalar_subquery()).add_cte(closed, logged)
-
-
 _PROMOTABLE_CHILDREN = select(tasks.c.id).where(
     tasks.c.status == Status.TODO,
     tasks.c.id.in_(select(task_links.c.child_id).where(task_links.c.parent_id == bindparam("b_parent"))),
@@ -588,94 +528,3 @@ def _begin(conn: Connection, task_id: str, action: str, run_id: int | None = Non
     steps.check_run(row, run_id)
     _check_allowed(row, action)
     return row
-
-
-_INSERT_RUN = insert(task_runs)
-
-
-def _open_run(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
-              workspace: str | None = None, metadata: dict | None = None) -> int:
-    """Move ``row`` to running and open its run; returns the run id."""
-    if conn.dialect.name == "postgresql":
-        return _open_run_in_one(conn, row, lock=lock, ttl_seconds=ttl_seconds, now=now,
-                                workspace=workspace, metadata=metadata)
-    # The run first, so that the task moves and points at it in one statement (a
-    # refused move raises, and the transaction, run included, is rolled back).
-    run_id = conn.execute(_INSERT_RUN, {
-        "task_id": row.id, "profile": row.assignee, "step_key": row.current_step_key,
-        "status": "running", "claim_lock": lock, "claim_expires": now + ttl_seconds,
-        "max_runtime_seconds": row.max_runtime_seconds, "started_at": now, "last_heartbeat_at": now,
-        "metadata": json_text.text_of(metadata),
-    }).inserted_primary_key[0]
-    values: dict[str, Any] = {
-        "claim_lock": lock, "claim_expires": now + ttl_seconds, "worker_pid": None,
-        "started_at": row.started_at if row.started_at is not None else now, "last_heartbeat_at": now,
-        "current_run_id": run_id,
-    }
-    if workspace:
-        values["workspace_path"] = workspace
-    _conditional_update(conn, row, "claim", Status.RUNNING, values)
-    steps.event(conn, row.id, "claimed", _claimed_payload(row, lock, now + ttl_seconds, run_id),
-                run_id=run_id, now=now)
-    return int(run_id)
-
-
-def _claimed_payload(row, lock: str, expires: int, run_id: int) -> dict[str, Any]:
-    payload: dict[str, Any] = {"lock": lock, "expires": expires, "run_id": run_id}
-    if row.status == Status.REVIEW:
-        payload["source_status"] = "review"
-    return payload
-
-
-def _open_run_statement(guard_run: bool):
-    """PostgreSQL: :func:`_open_run`'s four writes as one statement (a round trip,
-    not four). The run is inserted first; the task moves only if it is still as
-    read (``moved`` counts it, and the caller rolls back when it is 0); the
-    ``claimed`` event's payload is the same JSON text with the new run's id."""
-    run = insert(task_runs).values(
-        task_id=bindparam("b_id"), profile=bindparam("b_profile"), step_key=bindparam("b_step"),
-        status="running", claim_lock=bindparam("b_lock"), claim_expires=bindparam("b_expires"),
-        max_runtime_seconds=bindparam("b_max_runtime"), started_at=bindparam("b_now"),
-        last_heartbeat_at=bindparam("b_now"), metadata=bindparam("b_metadata"),
-    ).returning(task_runs.c.id).cte("new_run")
-    guard = tasks.c.current_run_id == bindparam("b_run") if guard_run else tasks.c.current_run_id.is_(None)
-    moved = update(tasks).where(tasks.c.id == bindparam("b_id"), tasks.c.status == bindparam("b_status"),
-                                guard).values(
-        status=str(Status.RUNNING), claim_lock=bindparam("b_lock"), claim_expires=bindparam("b_expires"),
-        worker_pid=None, started_at=func.coalesce(tasks.c.started_at, bindparam("b_now")),
-        last_heartbeat_at=bindparam("b_now"),
-        workspace_path=func.coalesce(bindparam("b_workspace", type_=Text), tasks.c.workspace_path),
-        current_run_id=select(run.c.id).scalar_subquery(),
-    ).returning(tasks.c.id).cte("moved")
-    payload = bindparam("b_head", type_=Text) + cast(run.c.id, Text) + bindparam("b_tail", type_=Text)
-    event = insert(task_events).from_select(
-        ["task_id", "run_id", "kind", "payload", "created_at"],
-        select(bindparam("b_id", type_=Text), run.c.id, literal("claimed", Text), payload,
-               bindparam("b_now", type_=task_events.c.created_at.type)),
-    ).cte("claimed_event")
-    return select(run.c.id, select(func.count()).select_from(moved).scalar_subquery()).add_cte(moved, event)
-
-
-_OPEN_RUN_NO_RUN = _open_run_statement(guard_run=False)
-_OPEN_RUN_AFTER_RUN = _open_run_statement(guard_run=True)
-
-
-def _open_run_in_one(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
-                     workspace: str | None, metadata: dict | None) -> int:
-    expires = now + ttl_seconds
-    # the payload's text cut around the run id (a key in JSON text is never
-    # mistaken for a string value, whose quotes are escaped)
-    key = '"run_id": '
-    head, tail = json_text.text_of(_claimed_payload(row, lock, expires, -1)).split(key + "-1", 1)
-    params = {"b_id": row.id, "b_status": row.status, "b_profile": row.assignee,
-              "b_step": row.current_step_key, "b_lock": lock, "b_expires": expires,
-              "b_max_runtime": row.max_runtime_seconds, "b_now": now, "b_workspace": workspace or None,
-              "b_metadata": json_text.text_of(metadata), "b_head": head + key, "b_tail": tail}
-    if row.current_run_id is None:
-        statement = _OPEN_RUN_NO_RUN
-    else:
-        statement, params["b_run"] = _OPEN_RUN_AFTER_RUN, row.current_run_id
-    run_id, moved = conn.execute(statement, params).one()
-    if moved != 1:
-        raise TransitionRefused(row.id, "claim", row.status, "the task changed at the same time")
-    return int(run_id)

@@ -1,1 +1,1 @@
-"""The databases: engines and dialects, the tables, the store that opens both, migration."""
+"""The databases: engines and dialects, the tables and their column types, the store that opens both, migration."""
