@@ -262,8 +262,7 @@ _GUARDED_NO_RUN = _GUARDED.where(tasks.c.current_run_id.is_(None))
 _GUARDED_RUN = _GUARDED.where(tasks.c.current_run_id == bindparam("b_run"))
 
 
-def guarded_update(conn: Connection, row, action: str, target: Status,
-                        values: dict[str, Any]) -> None:
+def guarded_update(conn: Connection, row, action: str, target: Status, values: dict[str, Any]) -> None:
     """Move ``row`` to ``target`` only if nobody changed it since we read it."""
     params = {"b_id": row.id, "b_status": row.status, "status": str(target), **values}
     if row.current_run_id is None:
@@ -276,12 +275,12 @@ def guarded_update(conn: Connection, row, action: str, target: Status,
 
 
 def end_run(conn: Connection, row, action: str, target: Status, values: dict[str, Any],
-             logged: tuple[str, dict | None], *, now: int, **closing: Any) -> int:
+            logged: tuple[str, dict | None], *, now: int, **closing: Any) -> int:
     """How a run ends in complete, block, fail and reclaim: the task moves to
     ``target`` with ``values`` only if nobody changed it since it was read (as
     :func:`guarded_update`), its current run is closed (``closing``: see
-    :func:`closed_run_values`) and the event ``logged`` (kind,
-    payload) is appended for that run. Returns the run's id.
+    :func:`closed_run_values`) and the event ``logged`` (kind, payload) is appended
+    for that run. Returns the run's id.
 
     On PostgreSQL the three writes are one statement (three round trips are one): the
     task's update is a data-modifying CTE whose row count says whether it won, and a
@@ -321,7 +320,7 @@ _INSERT_RUN = insert(task_runs)
 
 
 def open_run(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
-              workspace: str | None = None, metadata: dict | None = None) -> int:
+             workspace: str | None = None, metadata: dict | None = None) -> int:
     """Move ``row`` to running and open its run; returns the run id."""
     if conn.dialect.name == "postgresql":
         return _open_run_in_one(conn, row, lock=lock, ttl_seconds=ttl_seconds, now=now,
@@ -343,7 +342,7 @@ def open_run(conn: Connection, row, *, lock: str, ttl_seconds: int, now: int,
         values["workspace_path"] = workspace
     guarded_update(conn, row, "claim", Status.RUNNING, values)
     event(conn, row.id, "claimed", _claimed_payload(row, lock, now + ttl_seconds, run_id),
-                run_id=run_id, now=now)
+          run_id=run_id, now=now)
     return int(run_id)
 
 

@@ -261,8 +261,7 @@ def claim_next(db: Database, *, host: str, lock: str, capacity: int,
                     continue
                 workspace = f"{workspace_root.rstrip('/')}/{task.id}" if workspace_root else None
                 run_id = steps.open_run(conn, task, lock=lock, ttl_seconds=ttl_seconds, now=ts,
-                                   workspace=workspace,
-                                   metadata={"claimed_by": "sparkops", "host": host})
+                                        workspace=workspace, metadata={"claimed_by": "sparkops", "host": host})
                 return Change(task.id, "claim", task.status, Status.RUNNING, run_id)
             if len(rows) < limit:
                 break
@@ -289,7 +288,7 @@ def complete(db: Database, task_id: str, *, run_id: int | None = None,
         logged = ("completed", {"result_len": len(result) if result else 0, "summary": first_line})
         if row.current_run_id is not None:
             closed = steps.end_run(conn, row, "complete", Status.DONE, values, logged, now=ts, status="done",
-                              outcome=Outcome.COMPLETED, summary=closing, metadata=metadata)
+                                   outcome=Outcome.COMPLETED, summary=closing, metadata=metadata)
         else:
             steps.guarded_update(conn, row, "complete", Status.DONE, values)
             closed = None
@@ -327,8 +326,8 @@ def block(db: Database, task_id: str, *, reason: str | None = None, kind: str | 
                 payload = {"reason": reason, "kind": kind, "recurrences": recurrences}
         if row.current_run_id is not None:
             closed = steps.end_run(conn, row, "block", target, clear, (event_kind, payload), now=ts,
-                              status="blocked", outcome=Outcome.BLOCKED, summary=reason,
-                              metadata={"reporter": reporter} if reporter else None)
+                                   status="blocked", outcome=Outcome.BLOCKED, summary=reason,
+                                   metadata={"reporter": reporter} if reporter else None)
         else:
             steps.guarded_update(conn, row, "block", target, clear)
             closed = steps.synthesize_run(conn, row, Outcome.BLOCKED, summary=reason, now=ts) if reason else None
@@ -399,8 +398,8 @@ def reclaim(db: Database, task_id: str, *, run_id: int, reason: str,
     with db.write() as conn:
         row = _begin(conn, task_id, "reclaim", run_id)  # fenced: run_id is the current run
         steps.end_run(conn, row, "reclaim", Status.READY, RELEASE_CLAIM,
-                 ("reclaimed", {"reason": reason, "prev_lock": row.claim_lock}), now=ts,
-                 status="reclaimed", outcome=Outcome.RECLAIMED, error=reason[:ERROR_EXCERPT])
+                      ("reclaimed", {"reason": reason, "prev_lock": row.claim_lock}), now=ts,
+                      status="reclaimed", outcome=Outcome.RECLAIMED, error=reason[:ERROR_EXCERPT])
     return Change(task_id, "reclaim", row.status, Status.READY, run_id)
 
 
@@ -452,7 +451,7 @@ def fail(db: Database, task_id: str, *, run_id: int, outcome: Outcome, error: st
         if violation:
             metadata.update(protocol_violation=True, exit_code=0)
         steps.end_run(conn, row, "fail", target, values, (str(outcome), {"error": excerpt, "failures": failures}),
-                 now=ts, status=str(booked), outcome=booked, error=excerpt, metadata=metadata)
+                      now=ts, status=str(booked), outcome=booked, error=excerpt, metadata=metadata)
         if tripped:
             steps.event(conn, task_id, "gave_up", {
                 "failures": failures, "effective_limit": limit, "limit_source": source,

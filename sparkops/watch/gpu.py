@@ -62,6 +62,9 @@ class GpuDevice:
     utilization_pct: float | None = None
     temperature_c: float | None = None
     power_w: float | None = None
+    #: the device's energy counter since the driver loaded (NVML's total energy
+    #: consumption), in joules; None where the device does not count it
+    energy_j: float | None = None
     memory_total_mb: float | None = None
     memory_used_mb: float | None = None
     memory_free_mb: float | None = None
@@ -219,6 +222,7 @@ def _read_device(nvml: Any, index: int, meminfo_path: Path) -> tuple[GpuDevice, 
     device.temperature_c = None if temp is None else float(temp)
     power_mw = _query(nvml, notes, "power", nvml.nvmlDeviceGetPowerUsage, handle)
     device.power_w = None if power_mw is None else power_mw / 1000.0
+    device.energy_j = _energy_j(nvml, handle, notes)
 
     processes = _read_processes(nvml, handle, index, notes)
 
@@ -237,6 +241,20 @@ def _read_device(nvml: Any, index: int, meminfo_path: Path) -> tuple[GpuDevice, 
         device.memory_used_mb = memory.used / MIB
         device.memory_free_mb = memory.free / MIB
     return device, processes
+
+
+def _energy_j(nvml: Any, handle: Any, notes: list[str]) -> float | None:
+    """The total energy counter in joules; silent where the device has none (many
+    do not count it, and that is no news at every look)."""
+    try:
+        millijoules = nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except AttributeError:  # a pynvml without the call
+        return None
+    except nvml.NVMLError as exc:
+        if not _is_not_supported(nvml, exc):
+            notes.append(f"energy: {_error_text(exc)}")
+        return None
+    return None if millijoules is None or millijoules >= NOT_AVAILABLE else millijoules / 1000.0
 
 
 def _unified_memory(device: GpuDevice, processes: list[GpuProcess], meminfo_path: Path) -> None:

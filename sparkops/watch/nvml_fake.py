@@ -51,6 +51,7 @@ class FakeDevice:
     temp: Any = 61
     power_mw: Any = 312_500
     memory: Any = (80 * GIB, 20 * GIB, 60 * GIB)  # total, used, free; or Fail
+    energy_mj: Any = dataclasses.field(default_factory=Fail)  # the total energy counter, mJ
     compute: ProcList = dataclasses.field(default_factory=list)
     graphics: ProcList = dataclasses.field(default_factory=list)
 
@@ -109,6 +110,9 @@ class FakeNvml:
 
     def nvmlDeviceGetPowerUsage(self, handle: FakeDevice) -> int:
         return self._answer(handle.power_mw)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeDevice) -> int:
+        return self._answer(handle.energy_mj)
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeDevice) -> SimpleNamespace:
         total, used, free = self._answer(handle.memory)

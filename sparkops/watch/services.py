@@ -131,7 +131,7 @@ def _http_status(url: str, timeout: float, headers: dict[str, str] | None = None
         return exc.code
 
 
-def _http_get(url: str, timeout: float, headers: dict[str, str] | None = None,
+def http_get(url: str, timeout: float, headers: dict[str, str] | None = None,
               limit: int = 2_000_000) -> tuple[int, bytes]:
     """GET ``url``; the body is read within ``timeout`` seconds in all (a server
     that trickles its answer gets TimeoutError, not the patience of every read)."""
@@ -190,18 +190,18 @@ def check_vllm(spec: ServiceSpec, *, secrets: Secrets, memory: dict[str, Any],
     data: dict[str, Any] = {"health": "ok"}
 
     try:
-        code, body = _http_get(f"{base}/metrics", spec.timeout_seconds)
+        code, body = http_get(f"{base}/metrics", spec.timeout_seconds)
     except OSError:
         code, body = 0, b""
     metrics = parse_prometheus(body.decode("utf-8", "replace")) if code == 200 else {}
-    running = _first(metrics, VLLM_RUNNING)
-    waiting = _first(metrics, VLLM_WAITING)
-    tokens = _first(metrics, VLLM_GENERATION_TOKENS)
+    running = first_of(metrics, VLLM_RUNNING)
+    waiting = first_of(metrics, VLLM_WAITING)
+    tokens = first_of(metrics, VLLM_GENERATION_TOKENS)
     data.update({"running": running, "waiting": waiting, "generation_tokens": tokens, "checked_at": ts})
 
     headers = {"Authorization": f"Bearer {secrets.vllm_api_key}"} if secrets.vllm_api_key else {}
     try:
-        code, body = _http_get(f"{base}/v1/models", spec.timeout_seconds, headers)
+        code, body = http_get(f"{base}/v1/models", spec.timeout_seconds, headers)
         if code == 200:
             data["models"] = [m.get("id") for m in json.loads(body or b"{}").get("data", [])]
         elif code == 401:
@@ -243,7 +243,7 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
-def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
+def first_of(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
     return next((metrics[n] for n in names if n in metrics), None)
 
 
