@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from sparkops.sprint import usage as run_usage
 from sparkops.sprint.usage import Usage, attribute, increase
 from sparkops.watch import gpu, meter
 from sparkops.watch.meter import Sample
@@ -199,3 +200,42 @@ def test_a_sample_round_trips_through_its_stored_form():
     one = Sample(at=12.5, prompt_tokens=3.0, energy_j=7.25, sources={"vllm": "ok", "gpu": "no GPU"})
     assert Sample.from_dict(one.as_dict()) == one
     assert Sample.from_dict({"at": "x", "prompt_tokens": True, "sources": "nope"}) == Sample(at=0.0)
+
+
+# -- kept in the ops database, on SQLite and PostgreSQL ------------------------------------
+
+
+def counted(at: float, prompt: float, energy_j: float | None = None) -> Sample:
+    return Sample(at=at, prompt_tokens=prompt, generation_tokens=prompt / 10, requests=prompt / 100,
+                  energy_j=energy_j, sources={"vllm": "ok"})
+
+
+def test_a_runs_usage_is_kept_at_each_sample_and_ends_exact(store):
+    ops = store.ops
+    first = run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(100.0, 1000, 500.0))
+    assert first.prompt_tokens is None  # one sample: nothing counted yet
+    run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(130.0, 1600, 4100.0))   # heartbeat
+    ended = run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(160.0, 2000, 7700.0), ended=True)
+
+    assert (ended.prompt_tokens, ended.generation_tokens, ended.requests) == (1000, 100, 10)
+    assert ended.energy_j == pytest.approx(7200.0) and ended.energy_wh == pytest.approx(2.0)
+    assert not ended.estimated and ended.seconds == 60.0
+    assert run_usage.of_runs(ops, [1, 99]) == {1: ended}
+    run_usage.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(170.0, 2500))  # the next run
+    assert run_usage.of_runs(ops, [1])[1] == ended  # an ended run's usage does not move
+
+
+def test_two_runs_on_one_host_share_and_a_killed_one_keeps_its_last_heartbeat(store):
+    ops = store.ops
+    run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(0.0, 0))
+    run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(10.0, 100))     # run 1 alone
+    run_usage.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(10.0, 100))     # run 2 starts
+    run_usage.record(ops, run_id=9, task_id="t_x", host="other", sample=counted(12.0, 999_999))  # another host
+    run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(20.0, 500))     # a heartbeat of 1
+    one = run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(30.0, 700), ended=True)
+    two = run_usage.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(40.0, 760))  # then killed -9
+
+    assert one.prompt_tokens == 100 + 400 / 2 + 200 / 2 and one.estimated
+    assert two.prompt_tokens == 400 / 2 + 200 / 2 + 60
+    assert one.prompt_tokens + two.prompt_tokens == 760  # every token is someone's
+    assert run_usage.of_runs(ops, [2])[2] == two  # what run 2 used up to its last sample stays

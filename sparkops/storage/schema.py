@@ -384,6 +384,36 @@ ops_remote = Table(
 )
 
 
+#: The host's meter samples (issue 17): vLLM's and the GPUs' counters, taken at each
+#: run's start, heartbeats and end (``sparkops.watch.meter.Sample`` as JSON).
+ops_meter_samples = Table(
+    "ops_meter_samples",
+    ops_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("host", Text, nullable=False),
+    Column("at", Float, nullable=False),  # epoch seconds
+    Column("data", Text, nullable=False),  # JSON
+    Index("idx_ops_meter_samples_host_at", "host", "at"),
+    sqlite_autoincrement=True,
+)
+
+#: Each run's usage, brought up to date at each of its samples (``sparkops.sprint.usage``):
+#: kept beside the board, whose tables stay Hermes'.
+ops_run_usage = Table(
+    "ops_run_usage",
+    ops_metadata,
+    Column("run_id", Integer, primary_key=True, autoincrement=False),
+    Column("task_id", Text, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("first_at", Float, nullable=False),  # its first sample
+    Column("last_at", Float, nullable=False),  # its latest sample
+    Column("ended", Integer, nullable=False, server_default=text("0")),
+    Column("data", Text),  # JSON: the usage
+    Index("idx_ops_run_usage_task", "task_id"),
+    Index("idx_ops_run_usage_host", "host", "first_at"),
+)
+
+
 # -- migrations ------------------------------------------------------------------
 
 
@@ -441,6 +471,7 @@ OPS_MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "ops_task_requirements", _ops_v2),
     Migration(7, "ops_remote", _ops_v2),
     Migration(8, "ops_job_runs.problems", _ops_v2),
+    Migration(9, "ops_meter_samples, ops_run_usage", _ops_v2),
 )
 
 BOARD_SCHEMA_VERSION = BOARD_MIGRATIONS[-1].version
@@ -545,7 +576,7 @@ def migrate(db: Database, component: str, now: int) -> list[Migration]:
             version = read_version(db, conn, component)
             refuse_newer(db, component, version)
             applied = [m for m in migrations if m.version > version]
-            # Versions 2-8 of the ops schema share one step ("create what is missing"):
+            # Versions 2-9 of the ops schema share one step ("create what is missing"):
             # it runs once for all of them.
             for step in dict.fromkeys(m.apply for m in applied):
                 covered = [m for m in applied if m.apply is step]
