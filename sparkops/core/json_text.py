@@ -25,6 +25,11 @@ def object_of(raw: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def number_of(value: Any) -> float | None:
+    """A decoded JSON value as a number: None for anything else (text, a bool, null)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def text_of(value: dict | list | None) -> str | None:
     """A value as JSON text for a column (``None`` for an empty one)."""
     return json.dumps(value, ensure_ascii=False) if value else None

@@ -60,8 +60,7 @@ class Usage:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Usage:
         def number(key: str) -> float | None:
-            value = data.get(key)
-            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+            return json_text.number_of(data.get(key))
         unmeasured = data.get("unmeasured")
         return cls(prompt_tokens=number("prompt_tokens"), generation_tokens=number("generation_tokens"),
                    requests=number("requests"), energy_j=number("energy_j"), gpu_seconds=number("gpu_seconds"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sparkops.core import clock
+from sparkops.core import clock, json_text
 from sparkops.watch.gpu import GpuSnapshot
 from sparkops.watch.services import VLLM_GENERATION_TOKENS, first_of, http_get, parse_prometheus
 
@@ -45,8 +45,7 @@ class Sample:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sample:
         def number(key: str) -> float | None:
-            value = data.get(key)
-            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+            return json_text.number_of(data.get(key))
         sources = data.get("sources")
         return cls(at=number("at") or 0.0, prompt_tokens=number("prompt_tokens"),
                    generation_tokens=number("generation_tokens"), requests=number("requests"),
