@@ -30,15 +30,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fake_nvml import GIB, FakeDevice, FakeNvml
 
 from sparkops.config import load_settings
 from sparkops.jobs.framework import JobContext
+from sparkops.meters import gpu
+from sparkops.meters.nvml_fake import GIB, FakeDevice, FakeNvml
 from sparkops.runner.registry import run_job
 from sparkops.storage.store import open_store
-from sparkops.watch import cleanup_plan, gpu
+from sparkops.watch import cleanup_plan
 
 RUNS = 20
 

@@ -18,8 +18,9 @@ from sparkops.config import load_settings
 from sparkops.demo import vllm as demo_vllm
 from sparkops.demo.sprint import DEMO_TASKS, PLANNER, QUESTIONS, Planner, is_demo_board, seed_demo
 from sparkops.demo.vllm import Engine
+from sparkops.meters import gpu, nvml_fake
 from sparkops.storage.store import open_store
-from sparkops.watch import gpu, nvml_fake, services
+from sparkops.watch import services
 
 
 def test_seeds_a_three_phase_sprint_on_an_empty_board(store):

@@ -1,7 +1,7 @@
 """The GPU adapter, the gpu-sample job and the zombie rule.
 
 NVML is the edge: :class:`FakeNvml` below provides exactly the pynvml functions
-and constants ``sparkops.watch.gpu`` uses. Everything else is real: the processes the
+and constants ``sparkops.meters.gpu`` uses. Everything else is real: the processes the
 fake lists as GPU processes are real children (their command lines, start times
 and sessions are read by psutil, and the zombie rule signals them for real), the
 samples go to a real SQLite file and a real PostgreSQL, ``/proc/meminfo`` is a
@@ -33,11 +33,8 @@ from sparkops.config import Settings
 from sparkops.core import procs
 from sparkops.core.errors import ConfigError
 from sparkops.jobs.framework import JobContext, JobSpec
-from sparkops.runner.registry import run_job
-from sparkops.storage.schema import ops_gpu_samples
-from sparkops.storage.store import Store
-from sparkops.watch import gpu, zombie_rule
-from sparkops.watch.nvml_fake import (
+from sparkops.meters import gpu
+from sparkops.meters.nvml_fake import (
     GIB,
     LIBRARY_NOT_FOUND,
     MIB,
@@ -47,6 +44,10 @@ from sparkops.watch.nvml_fake import (
     FakeDevice,
     FakeNvml,
 )
+from sparkops.runner.registry import run_job
+from sparkops.storage.schema import ops_gpu_samples
+from sparkops.storage.store import Store
+from sparkops.watch import zombie_rule
 
 
 def meminfo(tmp_path: Path, total_gib: float = 119.7, available_gib: float = 80.0) -> Path:
@@ -564,11 +565,49 @@ def test_gpu_check_script_flow_with_the_fake(tmp_path: Path) -> None:
 
     fake_holder = "import sys; print('ready', flush=True); sys.stdin.read()"
     lines: list[str] = []
-    rc = check.main([], nvml=FakeNvml(FakeDevice(compute=holders)), holder_code=fake_holder,
-                    out=lines.append)
+    rc = check.main(["--workload-seconds", "0"], nvml=FakeNvml(FakeDevice(compute=holders)),
+                    holder_code=fake_holder, out=lines.append)
     text = "\n".join(lines)
     assert rc == 0, text
     assert "would kill pid" in text and "holds 0.25 GB of GPU memory" in text
     assert "COULD NOT" not in text
     assert "GPU memory released" in text
     assert "nothing was killed" in text.lower()
+
+
+def test_gpu_check_meters_a_workload_with_the_fake(tmp_path: Path) -> None:
+    """The meters' part of the script: a fake GPU draws 100 W idle and 400 W while
+    a stand-in workload runs (a flag file), its energy counter integrating that; the
+    script's shares of the counter, its power cross-check and its verdicts follow."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    flag = tmp_path / "busy"
+    energy = {"mj": 0.0, "at": time.monotonic()}
+
+    def watts() -> float:
+        return 400.0 if flag.exists() else 100.0
+
+    def energy_mj() -> int:  # integrates the power since the last read
+        now = time.monotonic()
+        energy["mj"] += watts() * (now - energy["at"]) * 1000
+        energy["at"] = now
+        return int(energy["mj"])
+
+    device = FakeDevice(util=lambda: 95 if flag.exists() else 0, power_mw=lambda: int(watts() * 1000),
+                        energy_mj=energy_mj)
+    workload = (f"import sys, time, pathlib; flag = pathlib.Path({str(flag)!r}); print('ready', flush=True); "
+                "sys.stdin.readline(); flag.touch(); time.sleep(float(sys.argv[2])); flag.unlink(); "
+                "print('done 7', flush=True)")
+    lines: list[str] = []
+    rc = check.main(["--workload-seconds", "1.5", "--idle-seconds", "1", "--every", "0.2"],
+                    nvml=FakeNvml(device, init_error=None), holder_code="import sys; sys.exit(5)",
+                    workload_code=workload, out=lines.append)
+    text = "\n".join(lines)
+    assert rc == 0, text
+    assert "workload: done 7" in text
+    assert "COULD: see the workload in the energy counter" in text, text
+    assert "COULD: see the workload in the utilization" in text, text
+    assert "COULD: workload: mean power from the energy counter" in text, text
+    verdicts = [line for line in lines if line.startswith("COULD")]
+    assert not any("energy counter" in v or "utilization" in v for v in verdicts if v.startswith("COULD NOT")), text

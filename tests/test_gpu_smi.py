@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from sparkops.meters import gpu
 from sparkops.remote import gpu_smi
-from sparkops.watch import gpu
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia_smi"
 FAKE = FIXTURES / "nvidia-smi"

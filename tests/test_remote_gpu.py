@@ -11,11 +11,11 @@ import pytest
 from conftest import NOW, make_settings, remote_env, run_cli
 
 from sparkops.jobs.framework import JobContext
+from sparkops.meters import gpu
 from sparkops.remote import gpu as remote_gpu
 from sparkops.remote import ssh as remote
 from sparkops.runner.registry import run_job
 from sparkops.storage.store import open_store
-from sparkops.watch import gpu
 
 FAKE = Path(__file__).parent / "fixtures" / "nvidia_smi"
 

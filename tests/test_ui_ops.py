@@ -452,8 +452,9 @@ def test_runner_status_and_next_run():
 
 
 def test_red_items_name_zombies_disks_and_only_fresh_stuck_signals():
+    from sparkops.meters import gpu
     from sparkops.ui import data, home_view
-    from sparkops.watch import gpu, zombie_rule
+    from sparkops.watch import zombie_rule
     from sparkops.watch.disk import DiskUsage
 
     runner = data.RunnerStatus("h", "alive", pid=1, started_at=0, heartbeat_at=100, heartbeat_age=0)

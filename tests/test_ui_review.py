@@ -21,13 +21,13 @@ from sqlalchemy import select
 from sparkops.board import model
 from sparkops.board import transitions as board
 from sparkops.jobs.framework import JobContext
+from sparkops.meters.nvml_fake import GIB, LIBRARY_NOT_FOUND, NOT_SUPPORTED, Fail, FakeDevice, FakeNvml
 from sparkops.runner.registry import run_job
 from sparkops.sprint.export import PHASE_COLUMNS, RUN_COLUMNS, TASK_COLUMNS, read_csv_rows
 from sparkops.storage.schema import ops_audit, ops_gpu_samples
 from sparkops.storage.store import open_store
 from sparkops.ui import data
 from sparkops.watch import services
-from sparkops.watch.nvml_fake import GIB, LIBRARY_NOT_FOUND, NOT_SUPPORTED, Fail, FakeDevice, FakeNvml
 
 FIXTURE_DB = ROOT / "tests" / "fixtures" / "hermes_board.db"
 GPU_PAGE, REVIEW_PAGE = "pages/3_GPU.py", "pages/4_Sprint_review.py"

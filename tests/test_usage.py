@@ -11,11 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sparkops.sprint import usage as run_usage
-from sparkops.sprint.usage import Usage, attribute, increase
-from sparkops.watch import gpu, meter
-from sparkops.watch.meter import Sample
-from sparkops.watch.nvml_fake import FakeDevice, FakeNvml
+from sparkops.meters import gpu, ledger
+from sparkops.meters.nvml_fake import FakeDevice, FakeNvml
+from sparkops.meters.sample import Sample
+from sparkops.meters.sample import read as read_sample
+from sparkops.meters.usage import Usage, attribute, increase
 
 
 class Counters:
@@ -84,7 +84,7 @@ class Gpu:
 
 
 def sample(vllm_url: str | None, device: Gpu | None, at: float) -> Sample:
-    return meter.read(metrics_url=vllm_url, gpu=device.snapshot() if device else None, now=at)
+    return read_sample(metrics_url=vllm_url, gpu=device.snapshot() if device else None, now=at)
 
 
 def test_one_run_at_a_time_gets_exactly_the_counters_increase(vllm):
@@ -173,16 +173,16 @@ def test_a_run_killed_keeps_what_it_used_up_to_its_last_sample(vllm):
 
 def test_no_source_is_not_measured_never_zero(vllm):
     counters, url = vllm
-    no_vllm = [meter.read(metrics_url=None, gpu=None, now=t) for t in (0.0, 10.0)]
+    no_vllm = [read_sample(metrics_url=None, gpu=None, now=t) for t in (0.0, 10.0)]
     assert no_vllm[0].sources == {"vllm": "not configured", "gpu": "not read"}
     usage = attribute(no_vllm, {6: (0.0, 10.0)})[6]
     assert usage == Usage(seconds=10.0, unmeasured={"prompt_tokens", "generation_tokens", "requests",
                                                      "energy_j", "gpu_seconds"})
 
     counters.status = 500
-    failing = meter.read(metrics_url=url, gpu=None, now=0)
+    failing = read_sample(metrics_url=url, gpu=None, now=0)
     assert failing.prompt_tokens is None and failing.sources["vllm"] == f"{url} answered 500"
-    gone = meter.read(metrics_url="http://127.0.0.1:9/metrics", gpu=None, timeout=1, now=0)
+    gone = read_sample(metrics_url="http://127.0.0.1:9/metrics", gpu=None, timeout=1, now=0)
     assert gone.prompt_tokens is None and gone.sources["vllm"].startswith("no answer at http://127.0.0.1:9/metrics")
 
 
@@ -190,7 +190,7 @@ def test_a_gpu_without_an_energy_counter_says_so_and_still_gives_its_busy_time()
     nvml = FakeNvml(FakeDevice(util=50))  # the fake's default: energy not supported
     snap = gpu.snapshot(nvml, now=0)
     assert snap.devices[0].energy_j is None and not any("energy" in n for n in snap.devices[0].notes)
-    first, second = (meter.read(metrics_url=None, gpu=snap, now=t) for t in (0.0, 20.0))
+    first, second = (read_sample(metrics_url=None, gpu=snap, now=t) for t in (0.0, 20.0))
     assert first.sources["gpu"] == "no energy counter" and first.energy_j is None
     usage = attribute([first, second], {8: (0.0, 20.0)})[8]
     assert usage.energy_j is None and usage.gpu_seconds == pytest.approx(10.0)
@@ -212,30 +212,30 @@ def counted(at: float, prompt: float, energy_j: float | None = None) -> Sample:
 
 def test_a_runs_usage_is_kept_at_each_sample_and_ends_exact(store):
     ops = store.ops
-    first = run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(100.0, 1000, 500.0))
+    first = ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(100.0, 1000, 500.0))
     assert first.prompt_tokens is None  # one sample: nothing counted yet
-    run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(130.0, 1600, 4100.0))   # heartbeat
-    ended = run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(160.0, 2000, 7700.0), ended=True)
+    ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(130.0, 1600, 4100.0))   # heartbeat
+    ended = ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(160.0, 2000, 7700.0), ended=True)
 
     assert (ended.prompt_tokens, ended.generation_tokens, ended.requests) == (1000, 100, 10)
     assert ended.energy_j == pytest.approx(7200.0) and ended.energy_wh == pytest.approx(2.0)
     assert not ended.estimated and ended.seconds == 60.0
-    assert run_usage.of_runs(ops, [1, 99]) == {1: ended}
-    run_usage.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(170.0, 2500))  # the next run
-    assert run_usage.of_runs(ops, [1])[1] == ended  # an ended run's usage does not move
+    assert ledger.of_runs(ops, [1, 99]) == {1: ended}
+    ledger.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(170.0, 2500))  # the next run
+    assert ledger.of_runs(ops, [1])[1] == ended  # an ended run's usage does not move
 
 
 def test_two_runs_on_one_host_share_and_a_killed_one_keeps_its_last_heartbeat(store):
     ops = store.ops
-    run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(0.0, 0))
-    run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(10.0, 100))     # run 1 alone
-    run_usage.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(10.0, 100))     # run 2 starts
-    run_usage.record(ops, run_id=9, task_id="t_x", host="other", sample=counted(12.0, 999_999))  # another host
-    run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(20.0, 500))     # a heartbeat of 1
-    one = run_usage.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(30.0, 700), ended=True)
-    two = run_usage.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(40.0, 760))  # then killed -9
+    ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(0.0, 0))
+    ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(10.0, 100))     # run 1 alone
+    ledger.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(10.0, 100))     # run 2 starts
+    ledger.record(ops, run_id=9, task_id="t_x", host="other", sample=counted(12.0, 999_999))  # another host
+    ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(20.0, 500))     # a heartbeat of 1
+    one = ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(30.0, 700), ended=True)
+    two = ledger.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(40.0, 760))  # then killed -9
 
     assert one.prompt_tokens == 100 + 400 / 2 + 200 / 2 and one.estimated
     assert two.prompt_tokens == 400 / 2 + 200 / 2 + 60
     assert one.prompt_tokens + two.prompt_tokens == 760  # every token is someone's
-    assert run_usage.of_runs(ops, [2])[2] == two  # what run 2 used up to its last sample stays
+    assert ledger.of_runs(ops, [2])[2] == two  # what run 2 used up to its last sample stays

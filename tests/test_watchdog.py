@@ -20,11 +20,11 @@ from sqlalchemy import select
 from sparkops.board import runs
 from sparkops.board import transitions as board
 from sparkops.jobs.framework import JobContext
+from sparkops.meters.nvml_fake import GIB, FakeDevice, FakeNvml
 from sparkops.runner.registry import run_job
 from sparkops.storage.schema import ops_alerts, ops_job_runs
 from sparkops.storage.store import open_store
 from sparkops.watch import services
-from sparkops.watch.nvml_fake import GIB, FakeDevice, FakeNvml
 
 FAKE_VLLM = Path(__file__).parent / "fixtures" / "fake_vllm.py"
 REDIS = shutil.which("redis-server")

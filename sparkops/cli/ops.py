@@ -197,7 +197,7 @@ def cmd_disk(args, store: Store) -> int:
 
 
 def cmd_gpu(args: argparse.Namespace, settings: Settings) -> int:
-    from sparkops.watch import gpu
+    from sparkops.meters import gpu
 
     snap = gpu.snapshot()
     output.emit(args, snap.as_dict(), lambda: output.print_gpus(snap))

@@ -24,9 +24,10 @@ from sparkops.core.clock import epoch
 from sparkops.core.errors import NotFound, Refused, SparkOpsError
 from sparkops.engine import reclaim, workspace
 from sparkops.jobs.framework import JobContext
+from sparkops.meters import gpu
 from sparkops.runner.registry import run_job
 from sparkops.storage.schema import ops_audit
-from sparkops.watch import gpu, services, zombie_rule
+from sparkops.watch import services, zombie_rule
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from sparkops.control import actions
 from sparkops.core.clock import epoch
 from sparkops.engine import reclaim, workspace
 from sparkops.jobs.framework import JobContext
-from sparkops.watch import cleanup_plan, disk, gpu, services, zombie_rule
+from sparkops.meters import gpu
+from sparkops.watch import cleanup_plan, disk, services, zombie_rule
 
 
 @dataclass

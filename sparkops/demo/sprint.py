@@ -12,7 +12,7 @@ alone.
 only: :func:`is_demo_board`): the :class:`Planner` adds work as tasks finish and
 asks a person a question now and then, the demo agent works (and sometimes fails),
 a simulated vLLM answers (:mod:`sparkops.demo.vllm`) and a simulated GB10 shows on
-the GPU page (:func:`sparkops.watch.nvml_fake.demo_gb10`).
+the GPU page (:func:`sparkops.meters.nvml_fake.demo_gb10`).
 """
 
 from __future__ import annotations

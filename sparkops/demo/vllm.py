@@ -8,7 +8,7 @@ advancing with them) and ``/v1/models`` (one model, named as a demo). Every
 ``--hang-every`` seconds it hangs for ``--hang-for`` seconds, the way a real vLLM
 engine hangs: requests stay "running" while the token counter stands still, so the
 watchdog sees it down, alerts, and sees it back. The GPU memory it "holds" is the
-simulated GB10's (:func:`sparkops.watch.nvml_fake.demo_gb10`).
+simulated GB10's (:func:`sparkops.meters.nvml_fake.demo_gb10`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from sparkops.watch.nvml_fake import demo_processes
+from sparkops.meters.nvml_fake import demo_processes
 
 MODEL = "Qwen3-Coder-30B-A3B (demo)"
 #: Tokens a working agent's requests generate per second.

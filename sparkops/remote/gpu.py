@@ -3,7 +3,7 @@
 The ``remote-gpu`` job logs in to each of ``remote.gpu_hosts`` (:mod:`sparkops.remote.ssh`,
 host key verified) and runs ``nvidia-smi --query-gpu=... --format=csv,noheader,nounits``
 and the ``--query-compute-apps`` query (:mod:`sparkops.remote.gpu_smi` parses them into a
-:class:`sparkops.watch.gpu.GpuSnapshot`). A GB10 answers ``[N/A]`` for its memory; then
+:class:`sparkops.meters.gpu.GpuSnapshot`). A GB10 answers ``[N/A]`` for its memory; then
 the host's ``/proc/meminfo`` is read too, as the local adapter does.
 
 Each host's snapshot is kept in ``ops_remote`` (kind ``gpu``) for the GPU page, and
@@ -22,11 +22,11 @@ from sqlalchemy import insert
 from sparkops.config import Settings
 from sparkops.core.clock import epoch
 from sparkops.jobs.framework import JobReport
+from sparkops.meters.gpu import GpuDevice, GpuProcess, GpuSnapshot
 from sparkops.remote import gpu_smi
 from sparkops.remote import ssh as remote
 from sparkops.storage.db import Database
 from sparkops.storage.schema import ops_gpu_samples
-from sparkops.watch.gpu import GpuDevice, GpuProcess, GpuSnapshot
 
 if TYPE_CHECKING:
     from sparkops.jobs.framework import JobContext

@@ -3,8 +3,8 @@
 Over SSH SparkOps runs two queries on the other host, :func:`gpu_argv` and
 :func:`apps_argv` (``--query-gpu`` and ``--query-compute-apps`` with
 ``--format=csv,noheader,nounits``), reads its ``/proc/meminfo`` too, and hands the
-three texts to :func:`parse`. The result is the same :class:`~sparkops.watch.gpu.GpuSnapshot`
-the local NVML adapter (:mod:`sparkops.watch.gpu`) makes, so the GPU page and the fleet
+three texts to :func:`parse`. The result is the same :class:`~sparkops.meters.gpu.GpuSnapshot`
+the local NVML adapter (:mod:`sparkops.meters.gpu`) makes, so the GPU page and the fleet
 view show both alike.
 
 The output is one line per GPU (or per GPU process), values separated by ``", "``,
@@ -30,7 +30,7 @@ import csv
 import posixpath
 from dataclasses import dataclass, field
 
-from sparkops.watch.gpu import UNIFIED_NOTE, GpuDevice, GpuProcess, GpuSnapshot, parse_meminfo, unified_totals
+from sparkops.meters.gpu import UNIFIED_NOTE, GpuDevice, GpuProcess, GpuSnapshot, parse_meminfo, unified_totals
 
 #: The ``--query-gpu`` fields, in the order :func:`parse` reads them.
 GPU_FIELDS: tuple[str, ...] = (
@@ -243,7 +243,7 @@ def _process(values: dict[str, str], pid: int, index: int) -> GpuProcess:
 
 def _unified_memory(device: GpuDevice, processes: list[GpuProcess], meminfo: str | None,
                     host: str) -> None:
-    """Like :func:`sparkops.watch.gpu._unified_memory`, with the other host's meminfo text."""
+    """Like :func:`sparkops.meters.gpu._unified_memory`, with the other host's meminfo text."""
     device.notes.append(UNIFIED_NOTE)
     unified_totals(device, processes, _remote_meminfo(meminfo, host or "the other host", device.notes))
 

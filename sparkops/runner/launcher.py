@@ -35,9 +35,9 @@ from sparkops.config import CONFIG_ENV, DEMO_ENV, Secrets, Settings, is_loopback
 from sparkops.core.errors import ConfigError
 from sparkops.demo.sprint import is_demo_board, seed_demo
 from sparkops.engine import workers
+from sparkops.meters.nvml_fake import DEMO_GPU_ENV, DEMO_MEMINFO
 from sparkops.runner.loop import RunnerLock, lock_path
 from sparkops.storage.store import open_store
-from sparkops.watch.nvml_fake import DEMO_GPU_ENV, DEMO_MEMINFO
 
 log = logging.getLogger(__name__)
 

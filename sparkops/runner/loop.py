@@ -50,10 +50,11 @@ from sparkops.core.errors import Refused
 from sparkops.engine.dispatch import ShimTracker
 from sparkops.jobs import hosts
 from sparkops.jobs.framework import JobBusy, JobContext, JobLock, JobRun, JobSpec, lock_dir
+from sparkops.meters import gpu
 from sparkops.runner import registry
 from sparkops.runner.registry import run_job
 from sparkops.storage.db import is_disk_full
-from sparkops.watch import alerts, gpu
+from sparkops.watch import alerts
 from sparkops.watch.alerts import Alert
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,11 @@ from typing import Any
 from sparkops.engine import dispatch, promote, reclaim
 from sparkops.jobs.framework import JobContext, JobRun, JobSpec
 from sparkops.jobs.framework import run_job as _run
+from sparkops.meters import gpu
 from sparkops.remote import gpu as remote_gpu
 from sparkops.remote import push, tunnel
 from sparkops.sprint import export, review
-from sparkops.watch import disk, gpu, watchdog
+from sparkops.watch import disk, watchdog
 
 
 def all_jobs() -> dict[str, JobSpec]:

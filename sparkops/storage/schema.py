@@ -385,7 +385,7 @@ ops_remote = Table(
 
 
 #: The host's meter samples (issue 17): vLLM's and the GPUs' counters, taken at each
-#: run's start, heartbeats and end (``sparkops.watch.meter.Sample`` as JSON).
+#: run's start, heartbeats and end (``sparkops.meters.sample.Sample`` as JSON).
 ops_meter_samples = Table(
     "ops_meter_samples",
     ops_metadata,
@@ -397,7 +397,7 @@ ops_meter_samples = Table(
     sqlite_autoincrement=True,
 )
 
-#: Each run's usage, brought up to date at each of its samples (``sparkops.sprint.usage``):
+#: Each run's usage, brought up to date at each of its samples (``sparkops.meters.usage``):
 #: kept beside the board, whose tables stay Hermes'.
 ops_run_usage = Table(
     "ops_run_usage",

@@ -25,10 +25,11 @@ from sparkops.core.clock import epoch
 from sparkops.core.procs import host_name
 from sparkops.jobs import hosts as hosts_lib
 from sparkops.jobs.framework import JobContext
+from sparkops.meters import gpu
 from sparkops.storage.db import Database
 from sparkops.storage.store import Store, open_store
 from sparkops.ui.views import duration, when
-from sparkops.watch import alerts, gpu, services
+from sparkops.watch import alerts, services
 
 #: How long a cached read is reused (seconds).
 READ_TTL_SECONDS = 2
@@ -193,7 +194,7 @@ def runner_status(rows: Iterable[Mapping[str, Any]], host: str, now: int, *,
 
 #: The NVML module Home and the GPU page read; None is the real one (pynvml). A test
 #: sets a fake here (``monkeypatch.setattr(data, "NVML", FakeNvml(...))``, see
-#: ``sparkops/watch/nvml_fake.py``); "Sample now" samples the same source.
+#: ``sparkops/meters/nvml_fake.py``); "Sample now" samples the same source.
 NVML: Any = None
 
 

@@ -16,11 +16,12 @@ import pandas as pd
 import streamlit as st
 
 from sparkops.config import ServiceSpec, Settings
+from sparkops.meters import gpu
 from sparkops.remote import gpu as remote_gpu
 from sparkops.remote import ssh as remote
 from sparkops.storage.db import Database
 from sparkops.ui import data, views
-from sparkops.watch import gpu, services
+from sparkops.watch import services
 
 TTL = data.READ_TTL_SECONDS
 #: The GPU history is reused this long (seconds): it costs more than a count.

@@ -13,11 +13,12 @@ import streamlit as st
 from sparkops.board import runs
 from sparkops.core import formatting
 from sparkops.core.clock import epoch
+from sparkops.meters import gpu
 from sparkops.sprint import export
 from sparkops.storage.db import Database
 from sparkops.ui import data, jobs_view
 from sparkops.ui.views import duration
-from sparkops.watch import disk, gpu, services, zombie_rule
+from sparkops.watch import disk, services, zombie_rule
 
 TTL = data.READ_TTL_SECONDS
 

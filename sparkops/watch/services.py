@@ -41,16 +41,20 @@ from sqlalchemy import insert, select, update
 from sparkops.config import Secrets, ServiceSpec, Settings, child_environment
 from sparkops.core import procs
 from sparkops.core.clock import epoch
+from sparkops.meters.prometheus import (
+    DIRECT,
+    VLLM_GENERATION_TOKENS,
+    VLLM_RUNNING,
+    VLLM_WAITING,
+    first_of,
+    http_get,
+    parse_prometheus,
+)
 from sparkops.storage.db import Database
 from sparkops.storage.schema import ops_services
 
 log = logging.getLogger(__name__)
 
-#: Prometheus names, newest first, of what the vLLM hang check reads.
-VLLM_RUNNING = ("vllm:num_requests_running",)
-VLLM_WAITING = ("vllm:num_requests_waiting",)
-VLLM_GENERATION_TOKENS = ("vllm:generation_tokens_total", "vllm:generation_tokens",
-                          "vllm:num_generation_tokens_total", "vllm:num_generation_tokens")
 
 
 @dataclass
@@ -117,40 +121,13 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-#: Checks go straight to the service: a proxy from the environment (http_proxy)
-#: must not stand between the watchdog and a server on this machine.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def _http_status(url: str, timeout: float, headers: dict[str, str] | None = None) -> int:
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with _DIRECT.open(request, timeout=timeout) as response:
+        with DIRECT.open(request, timeout=timeout) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
-
-
-def http_get(url: str, timeout: float, headers: dict[str, str] | None = None,
-              limit: int = 2_000_000) -> tuple[int, bytes]:
-    """GET ``url``; the body is read within ``timeout`` seconds in all (a server
-    that trickles its answer gets TimeoutError, not the patience of every read)."""
-    request = urllib.request.Request(url, headers=headers or {})
-    deadline = time.monotonic() + timeout
-    try:
-        with _DIRECT.open(request, timeout=timeout) as response:
-            chunks, size = [], 0
-            while size < limit:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url} sent {size} bytes in {timeout:g}s and was still sending")
-                chunk = response.read1(min(65536, limit - size))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            return response.status, b"".join(chunks)
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
 
 
 def _redis_ping(spec: ServiceSpec) -> CheckResult:
@@ -221,30 +198,6 @@ def check_vllm(spec: ServiceSpec, *, secrets: Secrets, memory: dict[str, Any],
     if running is None and tokens is None:
         return CheckResult(True, "vLLM healthy (no metrics to check for a hang)", data)
     return CheckResult(True, f"vLLM healthy: {int(running or 0)} running, {int(waiting or 0)} waiting", data)
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sum each metric over its label sets: ``{name: value}``."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        head = line.split(" ", 1)[0]
-        if "{" in head:  # name{labels} value [timestamp]
-            name, rest = line[:line.index("{")], line[line.rindex("}") + 1:]
-        else:
-            name, _, rest = line.partition(" ")
-        fields = rest.split()
-        try:
-            values[name] = values.get(name, 0.0) + float(fields[0])
-        except (IndexError, ValueError):
-            continue
-    return values
-
-
-def first_of(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
-    return next((metrics[n] for n in names if n in metrics), None)
 
 
 # -- state and decisions -------------------------------------------------------------

@@ -4,7 +4,7 @@
 
 1. checks every enabled service (:mod:`sparkops.watch.services`) and decides, from its
    remembered state, whether it is up, down, to be restarted, or given up on;
-2. applies the GPU zombie rule (:mod:`sparkops.watch.gpu`): kills the zombies that match
+2. applies the GPU zombie rule (:mod:`sparkops.meters.gpu`): kills the zombies that match
    ``gpu.kill_patterns`` (SIGTERM, grace, SIGKILL), waits for their memory to be
    released, then restarts the model server;
 3. restarts the services that need it (``restart_argv``, never a shell);
@@ -25,7 +25,8 @@ from sparkops.config import ServiceSpec
 from sparkops.core.clock import epoch
 from sparkops.engine import reclaim
 from sparkops.jobs.framework import JobContext, JobReport
-from sparkops.watch import alerts, gpu, services, zombie_rule
+from sparkops.meters import gpu
+from sparkops.watch import alerts, services, zombie_rule
 from sparkops.watch.alerts import Alert
 from sparkops.watch.services import Decision, ServiceState
 

@@ -1,6 +1,6 @@
 """The zombie rule: GPU processes that hold memory they should not, and their kill.
 
-:func:`find_zombies` names them from a GPU snapshot (:mod:`sparkops.watch.gpu`);
+:func:`find_zombies` names them from a GPU snapshot (:mod:`sparkops.meters.gpu`);
 :func:`kill_zombies` signals only those whose command line matches
 ``gpu.kill_patterns`` and that are not SparkOps itself, its ancestors or its
 session, checking each process's start time so a reused pid is never signalled.
@@ -8,7 +8,7 @@ session, checking each process's start time so a reused pid is never signalled.
 watched service's own (its port), never any matching command line.
 
 Only the standard library and psutil are imported at module level, as in
-:mod:`sparkops.watch.gpu`, so ``scripts/gpu_check.py`` runs with just
+:mod:`sparkops.meters.gpu`, so ``scripts/gpu_check.py`` runs with just
 nvidia-ml-py and psutil.
 """
 
@@ -30,7 +30,7 @@ import psutil
 from sparkops.core import procs
 from sparkops.core.errors import ConfigError
 from sparkops.core.procs import START_TOLERANCE
-from sparkops.watch.gpu import MEMINFO, GpuProcess, GpuSnapshot, snapshot
+from sparkops.meters.gpu import MEMINFO, GpuProcess, GpuSnapshot, snapshot
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What each run used: the increase of the host's meters while it ran.
 
-The meters (:mod:`sparkops.watch.meter`) are vLLM's token and request counters and
+The meters (:mod:`sparkops.meters.sample`) are vLLM's token and request counters and
 the GPUs' energy counter and utilization, sampled at each run's start and end (and
 between, so a run killed with -9 keeps what it used up to its last sample). With
 one run at a time (``max_in_progress = 1``, the seed's setting on a GB10) a run's
@@ -18,17 +18,12 @@ some has it in ``unmeasured``.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
-
 from sparkops.core import json_text
-from sparkops.storage.db import Database
-from sparkops.storage.schema import ops_meter_samples, ops_run_usage
-from sparkops.watch.meter import COUNTERS, Sample
+from sparkops.meters.sample import COUNTERS, Sample
 
 JOULES_PER_WH = 3600.0
 
@@ -128,48 +123,3 @@ def _share(usage: Usage, growth: Mapping[str, tuple[float | None, bool]], busy: 
         usage.unmeasured.add("gpu_seconds")
     else:
         usage._add("gpu_seconds", busy * seconds / sharers)
-
-
-# -- kept in the ops database ---------------------------------------------------------
-
-
-def record(db: Database, *, run_id: int, task_id: str, host: str, sample: Sample,
-           ended: bool = False) -> Usage:
-    """Keep ``sample`` (the host's meters now, taken for ``run_id``: at its start, a
-    heartbeat or its end) and bring the run's usage up to it. A run's first sample
-    opens its row; the usage is shared with the other runs of ``host`` open at the
-    same time, as their rows say."""
-    with db.write() as conn:
-        conn.execute(insert(ops_meter_samples).values(host=host, at=sample.at,
-                                                      data=json.dumps(sample.as_dict())))
-        mine = conn.execute(select(ops_run_usage.c.first_at).where(ops_run_usage.c.run_id == run_id)).first()
-        first_at = sample.at if mine is None else float(mine.first_at)
-        if mine is None:
-            conn.execute(insert(ops_run_usage).values(run_id=run_id, task_id=task_id, host=host,
-                                                      first_at=first_at, last_at=sample.at, ended=0))
-        others = conn.execute(
-            select(ops_run_usage.c.run_id, ops_run_usage.c.first_at, ops_run_usage.c.last_at, ops_run_usage.c.ended)
-            .where(ops_run_usage.c.host == host, ops_run_usage.c.run_id != run_id,
-                   ops_run_usage.c.first_at < sample.at,
-                   or_(ops_run_usage.c.ended == 0, ops_run_usage.c.last_at > first_at))).all()
-        samples = [Sample.from_dict(json_text.object_of(data)) for (data,) in conn.execute(
-            select(ops_meter_samples.c.data).where(ops_meter_samples.c.host == host,
-                                                   ops_meter_samples.c.at >= first_at,
-                                                   ops_meter_samples.c.at <= sample.at))]
-        runs: dict[int, tuple[float, float | None]] = {
-            int(r.run_id): (float(r.first_at), float(r.last_at) if r.ended else None) for r in others}
-        runs[run_id] = (first_at, sample.at if ended else None)
-        usage = attribute(samples, runs)[run_id]
-        conn.execute(update(ops_run_usage).where(ops_run_usage.c.run_id == run_id).values(
-            last_at=sample.at, ended=int(ended), data=json.dumps(usage.as_dict())))
-    return usage
-
-
-def of_runs(db: Database, run_ids: Collection[int]) -> dict[int, Usage]:
-    """The stored usage of each of ``run_ids`` that has any."""
-    if not run_ids:
-        return {}
-    with db.read() as conn:
-        rows = conn.execute(select(ops_run_usage.c.run_id, ops_run_usage.c.data)
-                            .where(ops_run_usage.c.run_id.in_(sorted(int(r) for r in run_ids)))).all()
-    return {int(r.run_id): Usage.from_dict(json_text.object_of(r.data)) for r in rows if r.data}

@@ -1,6 +1,6 @@
 """The host's meters: what vLLM and the GPUs have counted so far, read in one look.
 
-A run's usage (tokens, requests, GPU energy and busy time: :mod:`sparkops.sprint.usage`)
+A run's usage (tokens, requests, GPU energy and busy time: :mod:`sparkops.meters.usage`)
 is the increase of these counters while it ran, so nothing is asked of the agent.
 vLLM's ``/metrics`` counts prompt and generation tokens and finished requests since
 it started; NVML counts each GPU's energy since the driver loaded and says how busy
@@ -14,14 +14,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sparkops.core import clock, json_text
-from sparkops.watch.gpu import GpuSnapshot
-from sparkops.watch.services import VLLM_GENERATION_TOKENS, first_of, http_get, parse_prometheus
-
-#: Prometheus names, newest first, of vLLM's counters a sample reads (summed over
-#: their label sets: models, finish reasons).
-VLLM_PROMPT_TOKENS = ("vllm:prompt_tokens_total", "vllm:prompt_tokens",
-                      "vllm:num_prompt_tokens_total", "vllm:num_prompt_tokens")
-VLLM_REQUESTS = ("vllm:request_success_total", "vllm:request_success")
+from sparkops.meters.gpu import GpuSnapshot
+from sparkops.meters.prometheus import (
+    VLLM_GENERATION_TOKENS,
+    VLLM_PROMPT_TOKENS,
+    VLLM_REQUESTS,
+    first_of,
+    http_get,
+    parse_prometheus,
+)
 
 #: The counters of a sample, which only grow until their source restarts.
 COUNTERS = ("prompt_tokens", "generation_tokens", "requests", "energy_j")

@@ -3,7 +3,7 @@
 This is the only module that imports ``pynvml`` (package ``nvidia-ml-py``). Every
 function that reads the GPU takes ``nvml``, the pynvml module, so tests hand in a
 fake with the same functions; ``None`` means "import pynvml now" (or, under
-``up --demo``, the simulated GB10 of :mod:`sparkops.watch.nvml_fake`).
+``up --demo``, the simulated GB10 of :mod:`sparkops.meters.nvml_fake`).
 
 Reading never raises: no library, no driver, or a query the device does not
 support gives ``None`` for that value and a note, or a snapshot with
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from sparkops.core import procs
-from sparkops.watch.nvml_fake import DEMO_GPU_ENV
+from sparkops.meters.nvml_fake import DEMO_GPU_ENV
 
 if TYPE_CHECKING:
     from sparkops.jobs.framework import JobContext, JobReport
@@ -130,7 +130,7 @@ def snapshot(nvml: Any = None, meminfo_path: Path = MEMINFO, now: float | None =
     """Read every GPU and its processes. Never raises."""
     taken_at = time.time() if now is None else float(now)
     if nvml is None and os.environ.get(DEMO_GPU_ENV):
-        from sparkops.watch import nvml_fake  # `up --demo`: a simulated GB10, said so in its name
+        from sparkops.meters import nvml_fake  # `up --demo`: a simulated GB10, said so in its name
 
         nvml, meminfo_path = nvml_fake.demo_gb10(), Path(os.environ[DEMO_GPU_ENV])
     if nvml is None:

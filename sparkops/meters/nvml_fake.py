@@ -1,4 +1,4 @@
-"""A fake NVML: exactly the pynvml functions and constants ``sparkops.watch.gpu`` calls.
+"""A fake NVML: exactly the pynvml functions and constants ``sparkops.meters.gpu`` calls.
 
 NVML is the one edge with no local stand-in (no GPU on a laptop, a CI machine or
 this VM), so this is the only fake of it: the GPU tests build devices from it, and
@@ -57,7 +57,7 @@ class FakeDevice:
 
 
 class FakeNvml:
-    """The pynvml functions sparkops.watch.gpu calls, over FakeDevice objects."""
+    """The pynvml functions sparkops.meters.gpu calls, over FakeDevice objects."""
 
     NVMLError = FakeNVMLError
     NVML_ERROR_NOT_SUPPORTED = NOT_SUPPORTED
