@@ -331,6 +331,35 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting(
+        "usage.meter", "bool", True,
+        "Meter each run: its shim samples the host's meters (the configured vLLM's /metrics "
+        "and the GPUs' energy counter and utilization through NVML) at the run's start, at "
+        "each heartbeat and at its end, and keeps the run's share of their increase in the "
+        "ops database. A source that cannot be read is said as not measured, never 0.",
+    ),
+    Setting(
+        "usage.energy_price_per_kwh", "float", 0.0,
+        "What a kWh of electricity costs, in usage.currency, to price the GPUs' energy in "
+        "the Sprint review. 0: no price (energy is shown in Wh only).",
+        minimum=0,
+    ),
+    Setting(
+        "usage.api_price_per_million_prompt_tokens", "float", 0.0,
+        "A hosted API's price per million prompt (input) tokens, in usage.currency: the "
+        "Sprint review says what the sprint's tokens would have cost there. 0: no price.",
+        minimum=0,
+    ),
+    Setting(
+        "usage.api_price_per_million_generation_tokens", "float", 0.0,
+        "A hosted API's price per million generated (output) tokens, in usage.currency. "
+        "0: no price.",
+        minimum=0,
+    ),
+    Setting(
+        "usage.currency", "str", "USD",
+        "The currency the usage prices are in, as shown beside each cost.",
+    ),
+    Setting(
         "disk.paths", "paths", ["data"],
         "Paths whose file systems are watched.",
     ),
@@ -783,6 +812,7 @@ CHILD_ENV_NAMES = frozenset({
     "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONDONTWRITEBYTECODE",
     "VIRTUAL_ENV", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "SSH_AUTH_SOCK",
+    "SPARKOPS_DEMO_GPU",  # `up --demo`'s simulated GB10 (sparkops.meters.nvml_fake), which the shims meter
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
     "HERMES_HOME", "HERMES_BIN", "SPARKOPS_CONFIG", "SPARKOPS_SERVICES", "SPARKOPS_REMOTES",
     "SPARKOPS_LOG_LEVEL",

@@ -23,8 +23,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from sparkops.meters.nvml_fake import demo_processes
 
 MODEL = "Qwen3-Coder-30B-A3B (demo)"
-#: Tokens a working agent's requests generate per second.
+#: Tokens a working agent's requests generate per second, the prompt tokens they
+#: read per second, and the requests each finishes per second.
 TOKENS_PER_AGENT_SECOND = 42
+PROMPT_TOKENS_PER_AGENT_SECOND = 380
+REQUESTS_PER_AGENT_SECOND = 0.25
 
 
 class Engine:
@@ -36,6 +39,8 @@ class Engine:
         self.hang_every, self.hang_for, self.clock, self.agents = hang_every, hang_for, clock, agents
         self.started = clock()
         self.tokens = 1_000_000.0
+        self.prompt_tokens = 9_000_000.0
+        self.requests = 20_000.0
         self.last = self.started
         self.lock = threading.Lock()
 
@@ -52,7 +57,10 @@ class Engine:
             hung = self.hung()
             running = max(2, self.agents()) if hung else self.agents()
             if not hung:
-                self.tokens += (now - self.last) * (TOKENS_PER_AGENT_SECOND * running + 3)
+                elapsed = now - self.last
+                self.tokens += elapsed * (TOKENS_PER_AGENT_SECOND * running + 3)
+                self.prompt_tokens += elapsed * PROMPT_TOKENS_PER_AGENT_SECOND * running
+                self.requests += elapsed * REQUESTS_PER_AGENT_SECOND * running
             self.last = now
             return running, self.tokens
 
@@ -79,7 +87,9 @@ def handler_for(engine: Engine) -> type[BaseHTTPRequestHandler]:
                     "# HELP vllm:num_requests_running Number of requests running (demo).\n"
                     f"vllm:num_requests_running{{{labels}}} {running}\n"
                     f"vllm:num_requests_waiting{{{labels}}} 0\n"
-                    f"vllm:generation_tokens_total{{{labels}}} {tokens:.1f}\n").encode())
+                    f"vllm:generation_tokens_total{{{labels}}} {tokens:.1f}\n"
+                    f"vllm:prompt_tokens_total{{{labels}}} {engine.prompt_tokens:.1f}\n"
+                    f"vllm:request_success_total{{{labels}}} {int(engine.requests)}\n").encode())
             elif self.path == "/v1/models":
                 self.reply(200, json.dumps({"data": [{"id": MODEL, "object": "model"}]}).encode(),
                            "application/json")

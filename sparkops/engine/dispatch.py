@@ -307,6 +307,7 @@ def close_after_shim_death(ctx: JobContext, shim: ShimExit, *, now: float | None
                     "is kept until the agent ends", shim.task_id, shim.run_id,
                     procs.exit_description(shim.returncode), agent.pid)
         return False
+    reclaim.end_usage(ctx, shim.run_id)
     tail = log_tail(shim.log_path)
     reason = f"worker shim {procs.exit_description(shim.returncode)} before closing the run"
     return _fail_quietly(ctx, shim.task_id, shim.run_id, Outcome.CRASHED,

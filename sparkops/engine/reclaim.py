@@ -36,16 +36,18 @@ from typing import Any
 
 import psutil
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from sparkops.board import model, runs, steps
 from sparkops.board import transitions as board
 from sparkops.board.model import Outcome
 from sparkops.core import json_text, procs
 from sparkops.core.clock import epoch
-from sparkops.core.errors import NotFound, Refused
+from sparkops.core.errors import NotFound, Refused, SparkOpsError
 from sparkops.core.procs import RunIdentity
 from sparkops.engine import workers
 from sparkops.jobs.framework import JobContext, JobReport
+from sparkops.meters import ledger
 from sparkops.storage.schema import task_runs, tasks
 
 log = logging.getLogger(__name__)
@@ -234,7 +236,17 @@ def act(ctx: JobContext, verdict: Verdict, *, now: float | None = None) -> bool:
         log.info("run %d of %s changed before the reclaim: %s", verdict.run_id, verdict.task_id, err)
         return False
     log.warning("reclaimed %s run %d: %s (%s)", verdict.task_id, verdict.run_id, verdict.outcome, reason)
+    end_usage(ctx, verdict.run_id)
     return True
+
+
+def end_usage(ctx: JobContext, run_id: int) -> None:
+    """A run whose worker died: its usage stays where its last sample left it, and
+    it no longer shares the host's later samples (:func:`sparkops.meters.ledger.close`)."""
+    try:
+        ledger.close(ctx.store.ops, run_id)
+    except (DBAPIError, SparkOpsError) as exc:
+        log.warning("closing run %d's usage failed: %s", run_id, exc)
 
 
 def reclaim_task(ctx: JobContext, task_id: str, *, actor: str, reason: str | None = None,

@@ -18,11 +18,13 @@ from sparkops.storage.schema import ops_meter_samples, ops_run_usage
 
 
 def record(db: Database, *, run_id: int, task_id: str, host: str, sample: Sample,
-           ended: bool = False) -> Usage:
+           ended: bool = False, stale_after: float | None = None) -> Usage:
     """Keep ``sample`` (the host's meters now, taken for ``run_id``: at its start, a
     heartbeat or its end) and bring the run's usage up to it. A run's first sample
     opens its row; the usage is shared with the other runs of ``host`` open at the
-    same time, as their rows say."""
+    same time, as their rows say. A run whose row was not ended but whose latest
+    sample is more than ``stale_after`` seconds old (its worker died with it, or
+    another tool closed it) counts as having ended there."""
     with db.write() as conn:
         conn.execute(insert(ops_meter_samples).values(host=host, at=sample.at,
                                                       data=json.dumps(sample.as_dict())))
@@ -40,13 +42,26 @@ def record(db: Database, *, run_id: int, task_id: str, host: str, sample: Sample
             select(ops_meter_samples.c.data).where(ops_meter_samples.c.host == host,
                                                    ops_meter_samples.c.at >= first_at,
                                                    ops_meter_samples.c.at <= sample.at))]
+        def ended_at(row) -> float | None:
+            last = float(row.last_at)
+            stale = stale_after is not None and last < sample.at - stale_after
+            return last if row.ended or stale else None
         runs: dict[int, tuple[float, float | None]] = {
-            int(r.run_id): (float(r.first_at), float(r.last_at) if r.ended else None) for r in others}
+            int(r.run_id): (float(r.first_at), ended_at(r)) for r in others}
         runs[run_id] = (first_at, sample.at if ended else None)
         usage = attribute(samples, runs)[run_id]
         conn.execute(update(ops_run_usage).where(ops_run_usage.c.run_id == run_id).values(
             last_at=sample.at, ended=int(ended), data=json.dumps(usage.as_dict())))
     return usage
+
+
+def close(db: Database, run_id: int) -> bool:
+    """The run ended without a last sample (its worker died): its usage stays what
+    its latest sample made it, and it no longer shares the host's later samples."""
+    with db.write() as conn:
+        return conn.execute(update(ops_run_usage).where(ops_run_usage.c.run_id == run_id,
+                                                        ops_run_usage.c.ended == 0)
+                            .values(ended=1)).rowcount > 0
 
 
 def of_runs(db: Database, run_ids: Collection[int]) -> dict[int, Usage]:

@@ -136,6 +136,9 @@ DEMO_GPU_ENV = "SPARKOPS_DEMO_GPU"
 #: What the simulated vLLM holds, and each working demo agent's context on it.
 DEMO_VLLM_BYTES = 71 * GIB
 DEMO_AGENT_BYTES = 3 * GIB // 2
+#: The demo GB10's energy counter grows at this steady rate, read from the clock so
+#: that every process (the GPU page, each run's shim) reads the same counter.
+DEMO_ENERGY_WATTS = 45.0
 #: The demo's unified memory (a GB10 shows 128 GB of LPDDR5x, about 120 GiB usable).
 DEMO_MEMINFO = "MemTotal:       125829120 kB\nMemAvailable:    50331648 kB\n"
 
@@ -183,7 +186,8 @@ def _scan(root: str) -> tuple[list[int], list[int]]:
 def demo_gb10() -> FakeNvml:
     """A GB10 for ``up --demo``: unified memory (device memory "Not Supported", as
     the real one answers), the demo vLLM holding 71 GiB and each working agent's
-    requests 1.5 GiB; utilization and power follow the agents at work."""
+    requests 1.5 GiB; utilization and power follow the agents at work; the energy
+    counter grows at a steady :data:`DEMO_ENERGY_WATTS`."""
     def procs() -> list[tuple[int, Any]]:
         servers, agents = demo_processes()
         return [(pid, DEMO_VLLM_BYTES) for pid in servers] + [(pid, DEMO_AGENT_BYTES) for pid in agents]
@@ -192,9 +196,13 @@ def demo_gb10() -> FakeNvml:
         servers, agents = demo_processes()
         return min(97, 8 + 22 * len(agents)) if servers else 0
 
+    def energy_mj() -> int:
+        import time
+        return int(time.time() * DEMO_ENERGY_WATTS * 1000)
+
     device = FakeDevice(name="NVIDIA GB10 (demo)", uuid="GPU-dem00000-0000-0000-0000-00000000gb10",
                         util=busy, temp=lambda: 41 + busy() // 3, power_mw=lambda: 18_000 + 1_100 * busy(),
-                        memory=Fail(NOT_SUPPORTED), compute=procs)
+                        memory=Fail(NOT_SUPPORTED), energy_mj=energy_mj, compute=procs)
     return FakeNvml(device, driver="580.95.05 (demo)")
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sparkops.config import Settings
 from sparkops.core import clock, json_text
+from sparkops.meters import gpu
 from sparkops.meters.gpu import GpuSnapshot
 from sparkops.meters.prometheus import (
     VLLM_GENERATION_TOKENS,
@@ -39,6 +41,11 @@ class Sample:
     energy_j: float | None = None       # all GPUs' energy counters, joules
     gpu_util_pct: float | None = None   # the GPUs' mean utilization at that moment
     sources: dict[str, str] = field(default_factory=dict)  # "vllm" / "gpu": "ok" or why not
+
+    @property
+    def measured(self) -> bool:
+        """Whether any source was read."""
+        return "ok" in self.sources.values()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,3 +104,27 @@ def _vllm_counters(url: str, timeout: float, sources: dict[str, str]) -> dict[st
     found = {k: v for k, v in found.items() if v is not None}
     sources["vllm"] = "ok" if found else f"{url} has no token or request counters"
     return found
+
+
+@dataclass(frozen=True)
+class Meter:
+    """What a run's shim reads at each of its samples: the ``/metrics`` of the
+    configured vLLM (the first enabled service whose check is ``vllm``) and this
+    host's GPUs (``nvml``: None is NVML itself, as :func:`sparkops.meters.gpu.snapshot`)."""
+
+    metrics_url: str | None
+    timeout: float = 2.0
+    nvml: Any = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> Meter | None:
+        """The host's meter, or None when ``usage.meter`` is off."""
+        if not settings["usage.meter"]:
+            return None
+        vllm = next((s for s in settings.services if s.check == "vllm" and s.enabled and s.url), None)
+        if vllm is None:
+            return cls(metrics_url=None)
+        return cls(metrics_url=f"{vllm.url.rstrip('/')}/metrics", timeout=min(2.0, vllm.timeout_seconds))
+
+    def read(self, *, now: float | None = None) -> Sample:
+        return read(metrics_url=self.metrics_url, gpu=gpu.snapshot(self.nvml), timeout=self.timeout, now=now)
