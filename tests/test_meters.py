@@ -31,6 +31,7 @@ from sparkops.board import queries
 from sparkops.board import transitions as board
 from sparkops.meters import ledger
 from sparkops.meters.nvml_fake import DEMO_ENERGY_WATTS, DEMO_GPU_ENV, DEMO_MEMINFO
+from sparkops.meters.reported import Reported
 from sparkops.meters.sample import Sample
 from sparkops.meters.usage import Usage
 from sparkops.storage.schema import ops_meter_samples, ops_run_usage
@@ -51,8 +52,13 @@ AGENT = textwrap.dedent("""
         pathlib.Path("hung-once").touch()
         print("requests made; hanging", flush=True)
         time.sleep(600)
+    said = []
+    if "reports" in title:  # as Claude Code's result message says it
+        pathlib.Path("result.json").write_text(json.dumps(
+            {"type": "result", "total_cost_usd": 0.25, "usage": {"input_tokens": 1200, "output_tokens": 80}}))
+        said = ["--usage-json", "result.json"]
     sys.exit(subprocess.run([sys.executable, "-m", "sparkops", "task", "complete", os.environ["SPARKOPS_TASK_ID"],
-                             "--result", "done"]).returncode)
+                             "--result", "done", *said]).returncode)
 """)
 
 
@@ -192,12 +198,13 @@ def asked(plan: dict[str, list[list[int]]], title: str) -> tuple[int, int, int]:
 
 
 def test_one_slot_meters_each_run_exactly_through_a_counter_reset(sprint, vllm):
-    plan = {f"task {k}": [[100 * k + 7, 10 * k + 1]] * k for k in (1, 2, 3, 4)}
+    plan = {f"task {k}": [[100 * k + 7, 10 * k + 1]] * k for k in (1, 2, 3)}
+    plan["task 4 reports"] = [[407, 41]] * 4
     s = sprint(plan, slots=1)
     first = s.create("task 1", "task 2")
     s.wait_done(first)
     vllm.reset()  # vLLM restarts between two runs
-    second = s.create("task 3", "task 4")
+    second = s.create("task 3", "task 4 reports")
     s.wait_done(second)
 
     runs = {title: s.completed_run(task_id) for title, task_id in zip(plan, first + second)}
@@ -214,6 +221,11 @@ def test_one_slot_meters_each_run_exactly_through_a_counter_reset(sprint, vllm):
         assert used.seconds == pytest.approx(samples[-1].at - samples[0].at)
     with s.store.ops.read() as conn:
         assert set(conn.execute(select(ops_run_usage.c.ended)).scalars()) == {1}
+    # what the agent said it used is kept beside what was measured, and preferred
+    said = usage[runs["task 4 reports"]]
+    assert said.reported == Reported(prompt_tokens=1200, generation_tokens=80, cost=0.25, currency="USD")
+    assert (said.prompt, said.generated, said.prompt_tokens) == (1200, 80, 4 * 407)
+    assert usage[runs["task 1"]].reported is None and usage[runs["task 1"]].prompt == 107
 
 
 def test_two_slots_share_what_the_server_counted_and_say_they_estimate(sprint, vllm):

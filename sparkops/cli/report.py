@@ -22,6 +22,7 @@ from typing import Any
 from sparkops.board import BLOCK_KINDS
 from sparkops.core.errors import InvalidInput
 from sparkops.engine import handoff
+from sparkops.meters import reported
 
 #: verb -> the word the output starts with
 VERBS = {"complete": "Completed", "block": "Blocked"}
@@ -34,6 +35,7 @@ def add_complete_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result")
     p.add_argument("--summary")
     p.add_argument("--metadata", help="JSON object stored on the run")
+    add_usage_arguments(p)
 
 
 def add_block_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +43,21 @@ def add_block_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reason", nargs="*")
     p.add_argument("--run", type=int, metavar="RUN_ID")
     p.add_argument("--kind", choices=sorted(BLOCK_KINDS))
+    add_usage_arguments(p)
+
+
+def add_usage_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--usage-json", metavar="FILE",
+                   help="what the run used, as the agent knows it: a JSON file (- for standard input) "
+                        "in SparkOps', Claude Code's, Codex's or OpenAI's shape (tokens, cost)")
+    p.add_argument("--prompt-tokens", type=float, metavar="N", help="prompt (input) tokens the run used")
+    p.add_argument("--generation-tokens", type=float, metavar="N", help="tokens the run generated")
+    p.add_argument("--cost", type=float, metavar="AMOUNT", help="what the run cost on a hosted API")
+
+
+def usage_of(args: argparse.Namespace) -> reported.Reported | None:
+    """The usage the report gives (``--usage-json`` and the flags), or InvalidInput."""
+    return reported.of_arguments(args.usage_json, args.prompt_tokens, args.generation_tokens, args.cost)
 
 
 def metadata_of(text: str | None) -> dict[str, Any] | None:
@@ -99,6 +116,9 @@ def request_of(verb: str, args: argparse.Namespace, run_id: int, token: str) -> 
         request.update(result=args.result, summary=args.summary, metadata=metadata_of(args.metadata))
     else:
         request.update(reason=" ".join(args.reason).strip() or None, kind=args.kind)
+    usage = usage_of(args)
+    if usage is not None:
+        request["usage"] = usage.as_dict()
     return request
 
 

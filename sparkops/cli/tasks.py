@@ -7,13 +7,17 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import sys
+
+from sqlalchemy.exc import DBAPIError
 
 from sparkops.board import model, queries, requirements
 from sparkops.board import transitions as board
 from sparkops.cli import output, report
-from sparkops.core import formatting
-from sparkops.core.errors import InvalidInput
+from sparkops.core import formatting, procs
+from sparkops.core.errors import InvalidInput, SparkOpsError
 from sparkops.engine import handoff
+from sparkops.meters import ledger, reported
 from sparkops.storage.store import Store
 
 
@@ -120,19 +124,38 @@ def _report(args, change: model.Change, verb: str) -> int:
 def cmd_task_complete(args, store: Store) -> int:
     """The direct path of a report (see :func:`sparkops.cli.report.hand_off` for the fast one)."""
     metadata = report.metadata_of(args.metadata)
+    usage = report.usage_of(args)
     run_id = report.run_for(args.task_id, args.run)
     change = board.complete(store.board, args.task_id, run_id=run_id, result=args.result,
                             summary=args.summary, metadata=metadata,
                             reporter=handoff.reporter() if run_id is not None else None)
+    _keep_usage(args, store, change, usage)
     return _report(args, change, report.VERBS["complete"])
 
 
 def cmd_task_block(args, store: Store) -> int:
     reason = " ".join(args.reason).strip() or None
+    usage = report.usage_of(args)
     run_id = report.run_for(args.task_id, args.run)
     change = board.block(store.board, args.task_id, reason=reason, kind=args.kind, run_id=run_id,
                          reporter=handoff.reporter() if run_id is not None else None)
+    _keep_usage(args, store, change, usage)
     return _report(args, change, report.VERBS["block"])
+
+
+def _keep_usage(args, store: Store, change: model.Change, usage: reported.Reported | None) -> None:
+    """The report's usage, kept for the run it ended (the report itself stands if this fails)."""
+    if usage is None:
+        return
+    if change.run_id is None:
+        print(f"sparkops: warning: {change.task_id} had no run to keep the reported usage for",
+              file=sys.stderr)
+        return
+    try:
+        ledger.report(store.ops, run_id=change.run_id, task_id=change.task_id,
+                      host=procs.host_name(args.settings["host.name"]), reported=usage)
+    except (DBAPIError, SparkOpsError) as exc:
+        print(f"sparkops: warning: the reported usage was not kept: {exc}", file=sys.stderr)
 
 
 def cmd_task_reclaim(args, store: Store) -> int:

@@ -53,7 +53,6 @@ import signal
 import string
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,8 +82,7 @@ from sparkops.engine import handoff, workers
 from sparkops.engine import workspace as workspace_of
 from sparkops.engine.environment import shim_environment
 from sparkops.engine.runlog import log_tail, run_log_path
-from sparkops.meters import ledger
-from sparkops.meters.sample import Meter, Sample
+from sparkops.meters import ledger, reported
 from sparkops.storage.db import error_line, retrying
 from sparkops.storage.schema import task_runs, tasks
 from sparkops.storage.store import Store, open_store
@@ -187,10 +185,7 @@ class Shim:
         self.report_token = secrets.token_hex(16)
         self.stopped_agent = False  # the shim itself signalled the agent
         self.reported: Change | None = None  # the agent's report, when it came through the shim
-        self.meter = Meter.of(settings)
-        self.metering = threading.Lock()  # the listener's thread meters a report's end
-        self.metered = False  # a sample of this run is kept
-        self.meter_ended = False
+        self.meter = ledger.RunMeter(settings, store.ops, run_id=run_id, task_id=task_id, host=self.host)
 
     # -- the steps ---------------------------------------------------------------
 
@@ -239,7 +234,7 @@ class Shim:
         if listener is not None:
             env[handoff.SOCKET_ENV] = listener.name
         agent_proc: Proc | None = None
-        self._meter()
+        self.meter.keep()
         try:
             log.info("starting agent: %s (cwd %s)", argv, workspace)
             try:
@@ -257,14 +252,14 @@ class Shim:
                 return 0
             code = self._supervise(agent, agent_proc, started_at=task.run_started_at,
                                    max_runtime=task.max_runtime_seconds)
-            self._meter(ended=True)
+            self.meter.keep(ended=True)
             if code is None:
                 return 0  # already booked (timed out), or closed by someone else
             return self._classify(code, workspace, log_file)
         finally:
             if listener is not None:
                 listener.close()
-            self._meter(ended=True)
+            self.meter.keep(ended=True)
             self._clear_group(agent_proc)
 
     def _listen(self) -> handoff.Listener | None:
@@ -279,8 +274,9 @@ class Shim:
         """The agent's report, handed over by its report process ``pid`` (on the
         listener's thread): the change, or the error the direct path would give."""
         reporter = handoff.reporter({handoff.REPORT_TOKEN_ENV: self.report_token}, pid=pid)
-        before = self._read_meter()  # the run's last sample: taken before the report frees its slot
+        before = self.meter.read()  # the run's last sample: taken before the report frees its slot
         try:
+            usage = reported.parse(request["usage"], where="the report's usage") if request.get("usage") else None
             if request.get("verb") == "complete":
                 metadata = request.get("metadata")
                 if metadata is not None and not isinstance(metadata, dict):
@@ -302,7 +298,9 @@ class Shim:
             return {"error": f"database error: {error_line(exc)}", "code": StorageError.exit_code}
         log.info("the agent reported: %s", change.as_dict())
         self.reported = change
-        self._meter(ended=True, taken=before)
+        self.meter.keep(ended=True, taken=before)
+        if usage is not None:
+            self.meter.report(usage)
         return {"change": change.as_dict()}
 
     def _supervise(self, agent: subprocess.Popen, agent_proc: Proc, started_at: int,
@@ -325,7 +323,7 @@ class Shim:
                 log.warning("agent passed its max runtime of %ss; stopping it", limit)
                 what = self._stop(agent_proc)
                 agent.wait()
-                self._meter(ended=True)
+                self.meter.keep(ended=True)
                 self._book(Outcome.TIMED_OUT, f"ran longer than its max runtime of {limit}s; {what}")
                 return None
             token = self.store.board.change_token()
@@ -347,35 +345,7 @@ class Shim:
             except (DBAPIError, SparkOpsError) as exc:
                 log.warning("heartbeat failed (will retry): %s", exc)
             else:
-                self._meter()
-
-    def _read_meter(self) -> Sample | None:
-        if self.meter is None:
-            return None
-        try:
-            return self.meter.read()
-        except OSError as exc:  # the readers say what failed in the sample; this is a surprise
-            log.warning("reading the meters failed: %s", exc)
-            return None
-
-    def _meter(self, *, ended: bool = False, taken: Sample | None = None) -> None:
-        """Keep a sample of the host's meters for this run (at its start, a heartbeat
-        or its end). Nothing is kept until a source could be read; metering never
-        fails a run."""
-        with self.metering:
-            if self.meter_ended:
-                return
-            self.meter_ended = ended
-            taken = taken or self._read_meter()
-            if taken is None or not (taken.measured or self.metered):
-                return
-            try:
-                ledger.record(self.store.ops, run_id=self.run_id, task_id=self.task_id, host=self.host,
-                              sample=taken, ended=ended,
-                              stale_after=3 * self.settings["dispatch.heartbeat_seconds"])
-                self.metered = True
-            except (DBAPIError, SparkOpsError) as exc:
-                log.warning("keeping run %d's usage failed: %s", self.run_id, error_line(exc))
+                self.meter.keep()
 
     def _after_close(self, agent: subprocess.Popen, agent_proc: Proc, state: RunState) -> None:
         """The run is no longer ours. After the agent's own report it may finish

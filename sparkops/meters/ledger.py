@@ -6,15 +6,23 @@ run's share of the meters' increase up to its latest one (``ops_run_usage``).
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from collections.abc import Collection
 
 from sqlalchemy import insert, or_, select, update
+from sqlalchemy.exc import DBAPIError
 
-from sparkops.core import json_text
-from sparkops.meters.sample import Sample
+from sparkops.config import Settings
+from sparkops.core import clock, json_text
+from sparkops.core.errors import SparkOpsError
+from sparkops.meters.reported import Reported
+from sparkops.meters.sample import Meter, Sample
 from sparkops.meters.usage import Usage, attribute
 from sparkops.storage.db import Database
 from sparkops.storage.schema import ops_meter_samples, ops_run_usage
+
+log = logging.getLogger(__name__)
 
 
 def record(db: Database, *, run_id: int, task_id: str, host: str, sample: Sample,
@@ -64,11 +72,76 @@ def close(db: Database, run_id: int) -> bool:
                             .values(ended=1)).rowcount > 0
 
 
+def report(db: Database, *, run_id: int, task_id: str, host: str, reported: Reported,
+           now: float | None = None) -> None:
+    """Keep what the agent of ``run_id`` said it used, beside what was measured. A run
+    that was not metered gets a row of its own, ended (it shares no samples)."""
+    text = json.dumps(reported.as_dict())
+    with db.write() as conn:
+        if conn.execute(update(ops_run_usage).where(ops_run_usage.c.run_id == run_id)
+                        .values(reported=text)).rowcount:
+            return
+        at = clock.now() if now is None else float(now)
+        conn.execute(insert(ops_run_usage).values(run_id=run_id, task_id=task_id, host=host, first_at=at,
+                                                  last_at=at, ended=1, reported=text))
+
+
 def of_runs(db: Database, run_ids: Collection[int]) -> dict[int, Usage]:
-    """The stored usage of each of ``run_ids`` that has any."""
+    """The stored usage of each of ``run_ids`` that has any: measured, reported or both."""
     if not run_ids:
         return {}
     with db.read() as conn:
-        rows = conn.execute(select(ops_run_usage.c.run_id, ops_run_usage.c.data)
+        rows = conn.execute(select(ops_run_usage.c.run_id, ops_run_usage.c.data, ops_run_usage.c.reported)
                             .where(ops_run_usage.c.run_id.in_(sorted(int(r) for r in run_ids)))).all()
-    return {int(r.run_id): Usage.from_dict(json_text.object_of(r.data)) for r in rows if r.data}
+    found = {}
+    for row in rows:
+        usage = Usage.from_dict(json_text.object_of(row.data)) if row.data else Usage()
+        usage.reported = Reported.from_dict(json_text.object_of(row.reported)) if row.reported else None
+        if row.data or usage.reported:
+            found[int(row.run_id)] = usage
+    return found
+
+
+class RunMeter:
+    """One run's metering by its shim: a sample of the host's meters at the run's
+    start, heartbeats and end, and what the agent reported. Nothing is kept until
+    a source could be read; metering never fails a run (a failure is logged)."""
+
+    def __init__(self, settings: Settings, db: Database, *, run_id: int, task_id: str, host: str):
+        self.meter = Meter.of(settings)
+        self.db, self.run_id, self.task_id, self.host = db, run_id, task_id, host
+        self.stale_after = 3 * settings["dispatch.heartbeat_seconds"]
+        self.lock = threading.Lock()  # the shim's listener thread ends it at the agent's report
+        self.kept = False  # a sample of this run is kept
+        self.ended = False
+
+    def read(self) -> Sample | None:
+        if self.meter is None:
+            return None
+        try:
+            return self.meter.read()
+        except OSError as exc:  # the readers say in the sample what failed; this is a surprise
+            log.warning("reading the meters failed: %s", exc)
+            return None
+
+    def keep(self, *, ended: bool = False, taken: Sample | None = None) -> None:
+        """Keep a sample (``taken``, or one read now) for the run; after its end, nothing."""
+        with self.lock:
+            if self.ended:
+                return
+            self.ended = ended
+            taken = taken or self.read()
+            if taken is None or not (taken.measured or self.kept):
+                return
+            try:
+                record(self.db, run_id=self.run_id, task_id=self.task_id, host=self.host, sample=taken,
+                       ended=ended, stale_after=self.stale_after)
+                self.kept = True
+            except (DBAPIError, SparkOpsError) as exc:
+                log.warning("keeping run %d's usage failed: %s", self.run_id, exc)
+
+    def report(self, reported: Reported) -> None:
+        try:
+            report(self.db, run_id=self.run_id, task_id=self.task_id, host=self.host, reported=reported)
+        except (DBAPIError, SparkOpsError) as exc:  # the report itself stands
+            log.warning("keeping the usage run %d's agent reported failed: %s", self.run_id, exc)

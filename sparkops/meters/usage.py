@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sparkops.core import json_text
+from sparkops.meters.reported import Reported
 from sparkops.meters.sample import COUNTERS, Sample
 
 JOULES_PER_WH = 3600.0
@@ -41,6 +42,26 @@ class Usage:
     estimated: bool = False           # shared with other runs, or a stretch cut by time
     resets: int = 0                   # counter restarts seen while it ran
     unmeasured: set[str] = field(default_factory=set)  # counters some stretch could not measure
+    #: what the agent said it used (``task complete --usage-json``), kept beside
+    #: the measured figures and preferred where it has them; not part of ``as_dict``
+    reported: Reported | None = field(default=None, compare=False)
+
+    @property
+    def prompt(self) -> float | None:
+        """The run's prompt tokens: the agent's own count where it gave one."""
+        said = self.reported.prompt_tokens if self.reported else None
+        return self.prompt_tokens if said is None else said
+
+    @property
+    def generated(self) -> float | None:
+        said = self.reported.generation_tokens if self.reported else None
+        return self.generation_tokens if said is None else said
+
+    @property
+    def tokens(self) -> float | None:
+        """Prompt and generated tokens together; None when neither is known."""
+        known = [t for t in (self.prompt, self.generated) if t is not None]
+        return sum(known) if known else None
 
     @property
     def energy_wh(self) -> float | None:
@@ -50,7 +71,9 @@ class Usage:
         setattr(self, name, (getattr(self, name) or 0.0) + amount)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "unmeasured": sorted(self.unmeasured)}
+        found = asdict(self)
+        found.pop("reported")
+        return {**found, "unmeasured": sorted(self.unmeasured)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Usage:

@@ -409,6 +409,7 @@ ops_run_usage = Table(
     Column("last_at", Float, nullable=False),  # its latest sample
     Column("ended", Integer, nullable=False, server_default=text("0")),
     Column("data", Text),  # JSON: the usage
+    Column("reported", Text),  # JSON: what the agent reported (sparkops.meters.reported)
     Index("idx_ops_run_usage_task", "task_id"),
     Index("idx_ops_run_usage_host", "host", "first_at"),
 )
@@ -472,6 +473,7 @@ OPS_MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "ops_remote", _ops_v2),
     Migration(8, "ops_job_runs.problems", _ops_v2),
     Migration(9, "ops_meter_samples, ops_run_usage", _ops_v2),
+    Migration(10, "ops_run_usage.reported", _ops_v2),
 )
 
 BOARD_SCHEMA_VERSION = BOARD_MIGRATIONS[-1].version
