@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 from collections.abc import Collection
+from typing import Any
 
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import DBAPIError
@@ -90,15 +91,31 @@ def of_runs(db: Database, run_ids: Collection[int]) -> dict[int, Usage]:
     """The stored usage of each of ``run_ids`` that has any: measured, reported or both."""
     if not run_ids:
         return {}
+    return {run_id: usage for run_id, (_task, usage) in
+            _read(db, ops_run_usage.c.run_id.in_(sorted(int(r) for r in run_ids))).items()}
+
+
+def of_tasks(db: Database, task_ids: Collection[str] | None = None) -> dict[str, dict[int, Usage]]:
+    """Each task's runs' usage (retries included), for ``task_ids`` or every task."""
+    found: dict[str, dict[int, Usage]] = {}
+    where = None if task_ids is None else ops_run_usage.c.task_id.in_(sorted(set(task_ids)))
+    if task_ids is not None and not task_ids:
+        return found
+    for run_id, (task_id, usage) in _read(db, where).items():
+        found.setdefault(task_id, {})[run_id] = usage
+    return found
+
+
+def _read(db: Database, where: Any) -> dict[int, tuple[str, Usage]]:
+    query = select(ops_run_usage.c.run_id, ops_run_usage.c.task_id, ops_run_usage.c.data, ops_run_usage.c.reported)
     with db.read() as conn:
-        rows = conn.execute(select(ops_run_usage.c.run_id, ops_run_usage.c.data, ops_run_usage.c.reported)
-                            .where(ops_run_usage.c.run_id.in_(sorted(int(r) for r in run_ids)))).all()
+        rows = conn.execute(query if where is None else query.where(where)).all()
     found = {}
     for row in rows:
         usage = Usage.from_dict(json_text.object_of(row.data)) if row.data else Usage()
         usage.reported = Reported.from_dict(json_text.object_of(row.reported)) if row.reported else None
         if row.data or usage.reported:
-            found[int(row.run_id)] = usage
+            found[int(row.run_id)] = (str(row.task_id), usage)
     return found
 
 

@@ -21,6 +21,9 @@ import streamlit as st
 from sparkops.board import phases as phases_mod
 from sparkops.board import queries
 from sparkops.engine import runlog
+from sparkops.meters import ledger
+from sparkops.meters.spend import Prices, Spend, energy_text, money_text, tokens_text
+from sparkops.sprint import costs
 from sparkops.storage.db import Database
 from sparkops.ui import data, views
 from sparkops.ui.data import READ_TTL_SECONDS, AppContext
@@ -111,10 +114,21 @@ def task_runs(db: Database, task_id: str) -> list[dict[str, Any]]:
     return queries.list_runs(db, task_id=task_id, limit=1000)
 
 
+def task_spend(ctx: AppContext, task_ids: Iterable[str]) -> dict[str, Spend]:
+    """What each task's runs spent (retries included); tasks never metered are absent."""
+    return _task_spend(ctx.store.ops, ctx.store.ops.url, Prices.of(ctx.settings), tuple(sorted(set(task_ids))))
+
+
+@data.cached(READ_TTL_SECONDS)
+def run_spend(ops: Database, prices: Prices, run_ids: tuple[int, ...]) -> dict[int, Spend]:
+    """What each of ``run_ids`` spent; runs never metered are absent."""
+    return {run_id: Spend.of(usage, prices) for run_id, usage in ledger.of_runs(ops, run_ids).items()}
+
+
 def forget() -> None:
     """Drop the cached reads of this module (after a write)."""
     for fn in (_board_slice, board_options, _titles, open_tasks, task_detail, _phase_map, runs, task_runs,
-               _unassigned_ready):
+               _unassigned_ready, _task_spend, run_spend):
         fn.clear()
 
 
@@ -137,6 +151,11 @@ def _unassigned_ready(_db: Database, url: str) -> int:
 @st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
 def _titles(_db: Database, url: str, ids: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     return queries.titles(_db, ids)
+
+
+@st.cache_data(ttl=READ_TTL_SECONDS, show_spinner=False)
+def _task_spend(_ops: Database, url: str, prices: Prices, ids: tuple[str, ...]) -> dict[str, Spend]:
+    return costs.task_spend(_ops, prices, list(ids))
 
 
 @st.cache_data(ttl=PHASE_TTL_SECONDS, show_spinner=False)
@@ -291,10 +310,50 @@ RUN_COLUMNS = ["run", "task", "title", "assignee", "outcome", "started", "durati
                "summary or error"]
 
 
+def usage_line(spend: Spend | None, prices: Prices) -> str | None:
+    """A card's line about what the task spent; None when it was never metered."""
+    if spend is None or not spend.metered:
+        return None
+    parts = [f"🪙 {tokens_text(spend.tokens)}", f"⚡ {energy_text(spend.energy_wh)}"]
+    if spend.cost is not None:
+        parts.append(money_text(spend.cost, prices.currency))
+    if spend.estimated:
+        parts.append("≈ shared")
+    return " · ".join(parts)
+
+
+def usage_summary(spend: Spend | None, prices: Prices) -> str:
+    """The detail's markdown line about what the task's runs spent."""
+    if spend is None or not spend.metered:
+        return ("**Usage**: not measured. No run of this task was metered (the shims meter a run when "
+                "`usage.meter` is on and vLLM's /metrics or NVML can be read) and its agent reported none.")
+    runs_ = "1 metered run" if spend.metered == 1 else f"{spend.metered} metered runs (retries included)"
+    facts = [f"{_count(spend.prompt_tokens)} prompt + {_count(spend.generation_tokens)} generated tokens"
+             + (f" in {_count(spend.requests)} requests" if spend.requests is not None else ""),
+             f"energy {energy_text(spend.energy_wh)}",
+             "GPU busy " + ("not measured" if spend.gpu_seconds is None else views.duration(spend.gpu_seconds))]
+    if spend.cost is not None:
+        facts.append(f"cost {money_text(spend.cost, prices.currency)}")
+    if spend.api_cost is not None:
+        facts.append(f"on a hosted API {money_text(spend.api_cost, prices.currency)}")
+    notes = []
+    if spend.reported:
+        notes.append(f"{spend.reported} reported by the agent")
+    if spend.estimated:
+        notes.append(f"{spend.estimated} estimated (shared with runs at the same time)")
+    return f"**Usage** ({runs_}): " + " · ".join(facts) + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _count(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:,.0f}"
+
+
 def runs_frame(runs_: Iterable[dict[str, Any]], now: int,
-               titles: Mapping[str, str] | None = None) -> pd.DataFrame:
+               titles: Mapping[str, str] | None = None,
+               spend: Mapping[int, Spend] | None = None) -> pd.DataFrame:
     """Runs for a table: outcome, duration, host, pid and what the run said: its
-    error when it failed, else its summary (the outcome says which)."""
+    error when it failed, else its summary (the outcome says which). With
+    ``spend``, each run's tokens and energy too (empty: not measured)."""
     rows = [{
         "run": r["id"],
         "task": r["task_id"],
@@ -307,7 +366,13 @@ def runs_frame(runs_: Iterable[dict[str, Any]], now: int,
         "pid": run_pid(r),
         "summary or error": _first_line(r.get("error") or r.get("summary")),
     } for r in runs_]
-    return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"pid": "Int64"})
+    frame = pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"pid": "Int64"})
+    if spend is not None:
+        used = [spend.get(int(r)) for r in frame["run"]]
+        frame["tokens"] = pd.array([u.tokens if u else None for u in used], dtype="Float64")
+        frame["energy (Wh)"] = pd.array([u.energy_wh if u else None for u in used], dtype="Float64")
+        frame["estimated"] = [("yes" if u.estimated else "no") if u else "" for u in used]
+    return frame
 
 
 def _first_line(text: str | None, limit: int = 200) -> str:

@@ -72,6 +72,7 @@ class Sprint:
 
     metrics: metrics.Metrics
     phase_rows: list[dict[str, Any]]
+    phase_of: dict[str, str]  # each task's phase, as the review resolved it
 
 
 def sprint(board_db: Database, ops: Database, settings: Settings, window_hours: float) -> Sprint:
@@ -91,9 +92,9 @@ def _sprint(_board: Database, _ops: Database, board_url: str, ops_url: str, patt
     # the GIL while they work (0.3 s less on a 100,000-task board).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="phase-summary") as pool:
         summary = pool.submit(phases.summary, _board, mapping)
-        computed = measure.compute(_board, now=time.time(), phase_of={t: p.phase for t, p in mapping.items()},
-                                   **dict(options))
-        return Sprint(computed, summary.result())
+        phase_of = {t: p.phase for t, p in mapping.items()}
+        computed = measure.compute(_board, now=time.time(), phase_of=phase_of, **dict(options))
+        return Sprint(computed, summary.result(), phase_of)
 
 
 def tiles(m: metrics.Metrics) -> list[tuple[str, str, str]]:

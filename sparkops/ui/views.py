@@ -164,9 +164,10 @@ def board_statuses(counts: dict[str, int], *, show_archived: bool = False) -> li
             if (s != Status.ARCHIVED or show_archived) and (counts.get(s) or s in SHOWN_WHEN_EMPTY)]
 
 
-def card_markdown(task: dict[str, Any], now: int, phase: str | None = None) -> str:
+def card_markdown(task: dict[str, Any], now: int, phase: str | None = None, usage: str | None = None) -> str:
     """One task card: title, then id, assignee, priority, age or failures and the
-    phase; for a blocked task, why (:func:`block_note`)."""
+    phase; what its runs spent (``usage``, a line made from numbers); for a blocked
+    task, why (:func:`block_note`)."""
     facts = [code(task['id']), f"@{md_escape(task.get('assignee') or 'unassigned')}"]
     if task.get("priority"):
         facts.append(f"p{task['priority']}")
@@ -183,6 +184,8 @@ def card_markdown(task: dict[str, Any], now: int, phase: str | None = None) -> s
     if phase:
         facts.append(md_escape(phase))
     card = f"**{md_escape(task['title'])}**  \n" + " · ".join(facts)
+    if usage:
+        card += f"  \n{usage}"
     note = block_note(task)
     return card + (f"  \n{note}" if note else "")
 

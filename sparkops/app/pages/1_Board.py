@@ -133,7 +133,8 @@ def live_runs(task_id: str) -> None:
         return
     now = epoch()
     if detail["runs"]:
-        frame = bv.runs_frame(reversed(detail["runs"]), now).drop(columns=["task", "title"])
+        spend = bv.run_spend(ctx.store.ops, bv.Prices.of(ctx.settings), tuple(int(r["id"]) for r in detail["runs"]))
+        frame = bv.runs_frame(reversed(detail["runs"]), now, spend=spend).drop(columns=["task", "title"])
         st.dataframe(frame, hide_index=True)
     else:
         st.markdown("No run yet.")
@@ -173,6 +174,9 @@ def live_header(task_id: str) -> None:
         return
     st.subheader(views.md_escape(task["title"]))
     st.markdown(bv.task_facts(task, phase_of.get(task_id), epoch()))
+    if task.get("current_run_id") is not None or task["status"] not in ("triage", "todo", "ready"):
+        spent = bv.task_spend(ctx, [task_id]).get(task_id)
+        st.markdown(bv.usage_summary(spent, bv.Prices.of(ctx.settings)))
 
 
 @st.dialog("Task", width="large", on_dismiss=_close)
@@ -276,6 +280,8 @@ def board(filters: dict, show_archived: bool) -> None:
         shown = bv.board_slice(ctx.store.board, filters, show_archived=show_archived, phase_of=phase_of,
                                per_status=MAX_CARDS)
     now = epoch()
+    spent = bv.task_spend(ctx, [t["id"] for items in shown.cards.values() for t in items])
+    prices = bv.Prices.of(ctx.settings)
     st.caption(f"{shown.matched:,} of {shown.total:,} tasks")
     skipped = bv.hermes_skips_note(ctx)
     if skipped:
@@ -290,7 +296,8 @@ def board(filters: dict, show_archived: bool) -> None:
                 items = items[:st.session_state.get(more_key, FINISHED_CARDS)]
             for task in items:
                 with st.container(border=True):
-                    st.markdown(views.card_markdown(task, now, phase_of.get(task["id"], (None,))[0]))
+                    st.markdown(views.card_markdown(task, now, phase_of.get(task["id"], (None,))[0],
+                                                    bv.usage_line(spent.get(task["id"]), prices)))
                     if st.button("Open", key=f"open_{task['id']}", width="stretch"):
                         st.session_state[OPEN_KEY] = task["id"]
                         st.rerun()

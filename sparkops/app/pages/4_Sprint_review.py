@@ -5,6 +5,7 @@ import streamlit as st
 
 from sparkops.control import actions
 from sparkops.core import formatting
+from sparkops.ui import costs_view as cv
 from sparkops.ui import data, page, views
 from sparkops.ui import review_view as rv
 
@@ -67,6 +68,10 @@ def sprint(hours: float) -> None:
         else:
             column.caption(f"{title}: no task completed in the window.")
     st.altair_chart(rv.wip_chart(m.wip), width="stretch")
+
+    with page.guard():
+        spent = cv.costs_of(ctx.store.board, ctx.store.ops, ctx.settings, current.phase_of, hours)
+    cv.render(spent)
 
     st.subheader(f"Blocked ({m.blocked_count})")
     if m.blocked_count:

@@ -1,0 +1,139 @@
+"""What runs spent, in the figures people compare: tokens, energy, GPU time, money.
+
+A run's :class:`~sparkops.meters.usage.Usage` holds what was measured and what its
+agent reported; :class:`Spend` is what the app, the review and the export show of
+it: tokens as the agent counted them where it did (else as vLLM did), the GPUs'
+energy in Wh and busy seconds, and, with the ``usage.*`` prices, what the energy
+cost, what the agent paid a hosted API (its reported cost), and what the same
+tokens would have cost on a hosted API. Spends add up (a task's runs, a phase, an
+assignee); an unknown figure stays None ("not measured"), never 0, and a sum says
+whether any part of it was an estimate or unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from sparkops.config import Settings
+from sparkops.meters.usage import Usage
+
+WH_PER_KWH = 1000.0
+MILLION = 1_000_000.0
+
+
+@dataclass(frozen=True)
+class Prices:
+    """The ``usage.*`` prices; 0 is "no price" (that cost is then None)."""
+
+    per_kwh: float = 0.0
+    prompt_per_million: float = 0.0
+    generation_per_million: float = 0.0
+    currency: str = "USD"
+
+    @classmethod
+    def of(cls, settings: Settings) -> Prices:
+        return cls(per_kwh=settings["usage.energy_price_per_kwh"],
+                   prompt_per_million=settings["usage.api_price_per_million_prompt_tokens"],
+                   generation_per_million=settings["usage.api_price_per_million_generation_tokens"],
+                   currency=settings["usage.currency"])
+
+    @property
+    def has_api_price(self) -> bool:
+        return bool(self.prompt_per_million or self.generation_per_million)
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One run's spend, or the sum of several (``+``; :func:`total`)."""
+
+    runs: int = 0
+    prompt_tokens: float | None = None
+    generation_tokens: float | None = None
+    requests: float | None = None
+    energy_wh: float | None = None
+    gpu_seconds: float | None = None
+    energy_cost: float | None = None    # the energy at usage.energy_price_per_kwh
+    paid: float | None = None           # what the agents reported paying (their currency = usage.currency)
+    api_cost: float | None = None       # the tokens at the usage.api_price_* prices
+    metered: int = 0                    # runs with figures of their own (measured or reported)
+    estimated: int = 0                  # runs whose figures were shared with others or cut by time
+    reported: int = 0                   # runs whose agent reported its usage
+
+    @classmethod
+    def of(cls, usage: Usage | None, prices: Prices) -> Spend:
+        """A run's spend; None: the run was not metered."""
+        if usage is None:
+            return cls(runs=1)
+        said = usage.reported
+        prompt, generated = usage.prompt, usage.generated
+        energy_wh = usage.energy_wh
+        api = None
+        if prices.has_api_price and (prompt is not None or generated is not None):
+            api = ((prompt or 0.0) * prices.prompt_per_million
+                   + (generated or 0.0) * prices.generation_per_million) / MILLION
+        paid = None
+        if said is not None and said.cost is not None and (said.currency or prices.currency) == prices.currency:
+            paid = said.cost
+        return cls(runs=1, prompt_tokens=prompt, generation_tokens=generated, requests=usage.requests,
+                   energy_wh=energy_wh, gpu_seconds=usage.gpu_seconds,
+                   energy_cost=None if energy_wh is None or not prices.per_kwh
+                   else energy_wh / WH_PER_KWH * prices.per_kwh,
+                   paid=paid, api_cost=api, metered=1, estimated=int(usage.estimated), reported=int(said is not None))
+
+    def __add__(self, other: Spend) -> Spend:
+        def add(a: Any, b: Any) -> Any:
+            if a is None:
+                return b
+            return a if b is None else a + b
+        return Spend(**{f.name: add(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+
+    @property
+    def tokens(self) -> float | None:
+        known = [t for t in (self.prompt_tokens, self.generation_tokens) if t is not None]
+        return sum(known) if known else None
+
+    @property
+    def cost(self) -> float | None:
+        """What it cost: the energy at its price and what the agents paid; None if neither is known."""
+        known = [c for c in (self.energy_cost, self.paid) if c is not None]
+        return sum(known) if known else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens": self.tokens, "cost": self.cost}
+
+
+def total(spends: Iterable[Spend]) -> Spend:
+    found = Spend()
+    for spend in spends:
+        found = found + spend
+    return found
+
+
+#: How a figure of a spend is written for people: numbers with their unit, "not
+#: measured" for an unknown.
+def tokens_text(value: float | None) -> str:
+    if value is None:
+        return "not measured"
+    if value >= 10_000_000:
+        return f"{value / 1e6:.0f}M tokens"
+    if value >= 1_000_000:
+        return f"{value / 1e6:.1f}M tokens"
+    if value >= 10_000:
+        return f"{value / 1e3:.0f}k tokens"
+    if value >= 1_000:
+        return f"{value / 1e3:.1f}k tokens"
+    return f"{value:.0f} tokens"
+
+
+def energy_text(wh: float | None) -> str:
+    if wh is None:
+        return "not measured"
+    return f"{wh / WH_PER_KWH:.2f} kWh" if wh >= 1000 else f"{wh:.1f} Wh" if wh >= 1 else f"{wh * 1000:.0f} mWh"
+
+
+def money_text(amount: float | None, currency: str) -> str:
+    if amount is None:
+        return "no price"
+    return f"{amount:,.2f} {currency}" if amount >= 0.995 else f"{amount:.3f} {currency}"
