@@ -93,6 +93,7 @@ def test_the_sums_of_a_sprint(spent_board, app_env):
     by_outcome = costs.by(found, "outcome").set_index("outcome")
     assert by_outcome.loc["crashed", "energy_wh"] == pytest.approx(40)  # what the failed try wasted
     assert by_outcome.loc["crashed", "tokens"] == 22_000
+    assert costs.by(found, "host").set_index("host").loc["gb10", "runs"] == 3
     by_phase = costs.by(found, "phase").set_index("phase")
     assert by_phase.loc["P1", "runs"] == 2 and by_phase.loc["P1", "tokens"] == 55_000
     top = costs.most_expensive(found)

@@ -95,6 +95,16 @@ def of_runs(db: Database, run_ids: Collection[int]) -> dict[int, Usage]:
             _read(db, ops_run_usage.c.run_id.in_(sorted(int(r) for r in run_ids))).items()}
 
 
+def hosts_of(db: Database, run_ids: Collection[int]) -> dict[int, str]:
+    """The host each of ``run_ids`` was metered on (its shim's)."""
+    if not run_ids:
+        return {}
+    with db.read() as conn:
+        return {int(r): str(h) for r, h in conn.execute(
+            select(ops_run_usage.c.run_id, ops_run_usage.c.host)
+            .where(ops_run_usage.c.run_id.in_(sorted(int(r) for r in run_ids))))}
+
+
 def of_tasks(db: Database, task_ids: Collection[str] | None = None) -> dict[str, dict[int, Usage]]:
     """Each task's runs' usage (retries included), for ``task_ids`` or every task."""
     found: dict[str, dict[int, Usage]] = {}

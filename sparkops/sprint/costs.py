@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 from sqlalchemy import or_, select
 
-from sparkops.board.model import Status
+from sparkops.board.model import Status, host_of_lock
 from sparkops.core.clock import epoch
 from sparkops.meters import ledger
 from sparkops.meters.spend import Prices, Spend, total
@@ -31,7 +31,8 @@ FIGURES = ("prompt_tokens", "generation_tokens", "tokens", "requests", "energy_w
            "energy_cost", "paid", "api_cost", "cost")
 COUNTS = ("runs", "metered", "estimated", "reported")
 #: The keys the review sums by.
-KEYS = ("phase", "assignee", "outcome")
+KEYS = ("phase", "assignee", "outcome", "host")
+NO_HOST = "(unknown host)"
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,13 @@ def compute(board_db: Database, ops: Database, prices: Prices, *, phase_of: Mapp
     since = epoch(since)
     r, t = task_runs.c, tasks.c
     query = (select(r.id, r.task_id, t.title, t.assignee, t.status, t.completed_at, r.outcome, r.started_at,
-                    r.ended_at)
+                    r.ended_at, r.claim_lock)
              .select_from(task_runs.join(tasks, tasks.c.id == r.task_id))
              .where(or_(r.started_at >= since, r.ended_at.is_(None))).order_by(r.id))
     with board_db.read() as conn:
         runs = conn.execute(query).all()
     usage = ledger.of_runs(ops, [row.id for row in runs])
+    hosts = ledger.hosts_of(ops, list(usage))
     rows, spends = [], []
     for row in runs:
         spend = Spend.of(usage.get(int(row.id)), prices)
@@ -69,11 +71,12 @@ def compute(board_db: Database, ops: Database, prices: Prices, *, phase_of: Mapp
             "run_id": int(row.id), "task_id": row.task_id, "title": row.title,
             "phase": phase_of.get(row.task_id, NO_PHASE), "assignee": row.assignee or NO_ASSIGNEE,
             "outcome": row.outcome or (RUNNING if row.ended_at is None else "ended"),
+            "host": hosts.get(int(row.id)) or host_of_lock(row.claim_lock) or NO_HOST,
             "task_status": row.status, "started_at": row.started_at, "ended_at": row.ended_at,
             "task_completed_at": row.completed_at if row.status == Status.DONE else None,
             **{k: figures[k] for k in (*FIGURES, *COUNTS)},
         })
-    columns = ["run_id", "task_id", "title", "phase", "assignee", "outcome", "task_status", "started_at",
+    columns = ["run_id", "task_id", "title", "phase", "assignee", "outcome", "host", "task_status", "started_at",
                "ended_at", "task_completed_at", *FIGURES, *COUNTS]
     frame = pd.DataFrame(rows, columns=columns)
     for name in FIGURES:
@@ -82,7 +85,7 @@ def compute(board_db: Database, ops: Database, prices: Prices, *, phase_of: Mapp
 
 
 def by(costs: Costs, key: str) -> pd.DataFrame:
-    """The window's spend summed by ``key`` (phase, assignee or outcome), the
+    """The window's spend summed by ``key`` (phase, assignee, outcome or host), the
     costliest first; a sum of only unknown figures stays unknown (NaN)."""
     if key not in KEYS:
         raise ValueError(f"costs are summed by one of {', '.join(KEYS)}, not {key!r}")

@@ -26,7 +26,8 @@ from sparkops.ui import views
 COSTS_TTL_SECONDS = 10
 HOUR = 3600
 #: "By" choices of the table, in words.
-KEY_WORDS = {"phase": "phase", "assignee": "assignee", "outcome": "outcome (what failed runs wasted)"}
+KEY_WORDS = {"phase": "phase", "assignee": "assignee", "outcome": "outcome (what failed runs wasted)",
+             "host": "host (each host's own shims measure its runs)"}
 
 
 def costs_of(board_db: Database, ops: Database, settings: Settings, phase_of: dict[str, str],
