@@ -33,24 +33,33 @@ def record(db: Database, *, run_id: int, task_id: str, host: str, sample: Sample
     opens its row; the usage is shared with the other runs of ``host`` open at the
     same time, as their rows say. A run whose row was not ended but whose latest
     sample is more than ``stale_after`` seconds old (its worker died with it, or
-    another tool closed it) counts as having ended there."""
+    another tool closed it) counts as having ended there.
+
+    A heartbeat adds the stretches since the run's previous sample to what its row
+    holds (its cost does not grow with the run's length); the end counts the whole
+    run again from its samples, so a sample another shim wrote a moment late is
+    counted right in the end."""
     with db.write() as conn:
         conn.execute(insert(ops_meter_samples).values(host=host, at=sample.at,
                                                       data=json.dumps(sample.as_dict())))
-        mine = conn.execute(select(ops_run_usage.c.first_at).where(ops_run_usage.c.run_id == run_id)).first()
+        mine = conn.execute(select(ops_run_usage.c.first_at, ops_run_usage.c.last_at, ops_run_usage.c.data)
+                            .where(ops_run_usage.c.run_id == run_id)).first()
         first_at = sample.at if mine is None else float(mine.first_at)
         if mine is None:
             conn.execute(insert(ops_run_usage).values(run_id=run_id, task_id=task_id, host=host,
                                                       first_at=first_at, last_at=sample.at, ended=0))
+        so_far = Usage.from_dict(json_text.object_of(mine.data)) if mine is not None and mine.data else None
+        start = float(mine.last_at) if so_far is not None and not ended else first_at
         others = conn.execute(
             select(ops_run_usage.c.run_id, ops_run_usage.c.first_at, ops_run_usage.c.last_at, ops_run_usage.c.ended)
             .where(ops_run_usage.c.host == host, ops_run_usage.c.run_id != run_id,
                    ops_run_usage.c.first_at < sample.at,
-                   or_(ops_run_usage.c.ended == 0, ops_run_usage.c.last_at > first_at))).all()
+                   or_(ops_run_usage.c.ended == 0, ops_run_usage.c.last_at > start))).all()
         samples = [Sample.from_dict(json_text.object_of(data)) for (data,) in conn.execute(
             select(ops_meter_samples.c.data).where(ops_meter_samples.c.host == host,
-                                                   ops_meter_samples.c.at >= first_at,
+                                                   ops_meter_samples.c.at >= start,
                                                    ops_meter_samples.c.at <= sample.at))]
+
         def ended_at(row) -> float | None:
             last = float(row.last_at)
             stale = stale_after is not None and last < sample.at - stale_after
@@ -59,6 +68,8 @@ def record(db: Database, *, run_id: int, task_id: str, host: str, sample: Sample
             int(r.run_id): (float(r.first_at), ended_at(r)) for r in others}
         runs[run_id] = (first_at, sample.at if ended else None)
         usage = attribute(samples, runs)[run_id]
+        if start != first_at and so_far is not None:
+            usage = so_far.plus(usage)
         conn.execute(update(ops_run_usage).where(ops_run_usage.c.run_id == run_id).values(
             last_at=sample.at, ended=int(ended), data=json.dumps(usage.as_dict())))
     return usage

@@ -67,6 +67,15 @@ class Usage:
     def energy_wh(self) -> float | None:
         return None if self.energy_j is None else self.energy_j / JOULES_PER_WH
 
+    def plus(self, later: Usage) -> Usage:
+        """This usage followed by ``later`` (the stretches after it)."""
+        def add(a: float | None, b: float | None) -> float | None:
+            return b if a is None else a if b is None else a + b
+        return Usage(**{name: add(getattr(self, name), getattr(later, name)) for name in (*COUNTERS, "gpu_seconds")},
+                     seconds=self.seconds + later.seconds, estimated=self.estimated or later.estimated,
+                     resets=self.resets + later.resets, unmeasured=self.unmeasured | later.unmeasured,
+                     reported=self.reported)
+
     def _add(self, name: str, amount: float) -> None:
         setattr(self, name, (getattr(self, name) or 0.0) + amount)
 
