@@ -239,3 +239,27 @@ def test_two_runs_on_one_host_share_and_a_killed_one_keeps_its_last_heartbeat(st
     assert two.prompt_tokens == 400 / 2 + 200 / 2 + 60
     assert one.prompt_tokens + two.prompt_tokens == 760  # every token is someone's
     assert ledger.of_runs(ops, [2])[2] == two  # what run 2 used up to its last sample stays
+
+
+def test_a_heartbeat_adds_its_stretch_and_agrees_with_counting_the_whole_run(store):
+    """Heartbeats add only their new stretches (the cost stays flat however long the
+    run); what they add up to is what counting all the samples again gives."""
+    ops = store.ops
+    ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(0.0, 0, 0.0))
+    ledger.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(5.0, 50, 50.0))  # shares from 5 s on
+    kept = []
+    for n, at in enumerate((10.0, 20.0, 30.0, 40.0), start=1):
+        prompt = 100.0 * n * n
+        kept.append(ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(at, prompt, prompt)))
+        ledger.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(at + 1, prompt + 10, prompt + 10))
+    samples = [counted(0.0, 0, 0.0), counted(5.0, 50, 50.0)] + [
+        s for n, at in enumerate((10.0, 20.0, 30.0, 40.0), start=1)
+        for s in (counted(at, 100.0 * n * n, 100.0 * n * n), counted(at + 1, 100.0 * n * n + 10, 100.0 * n * n + 10))]
+    for heartbeat, at in zip(kept, (10.0, 20.0, 30.0, 40.0)):
+        whole = attribute([s for s in samples if s.at <= at], {1: (0.0, None), 2: (5.0, None)})[1]
+        assert heartbeat.prompt_tokens == pytest.approx(whole.prompt_tokens)
+        assert heartbeat.energy_j == pytest.approx(whole.energy_j) and heartbeat.seconds == whole.seconds
+        assert heartbeat.estimated == whole.estimated
+    end = ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(50.0, 2000, 2000.0), ended=True)
+    assert end.prompt_tokens == pytest.approx(attribute(samples + [counted(50.0, 2000, 2000.0)],
+                                                        {1: (0.0, 50.0), 2: (5.0, None)})[1].prompt_tokens)
