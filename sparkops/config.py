@@ -338,6 +338,13 @@ SETTINGS: tuple[Setting, ...] = (
         "ops database. A source that cannot be read is said as not measured, never 0.",
     ),
     Setting(
+        "usage.gpu_remote", "str", "",
+        "The remote host ([remotes.NAME]) whose GPUs serve this host's agents, when the model "
+        "server runs on another box: each sample reads their energy counters and utilization "
+        "with nvidia-smi over SSH instead of this host's NVML. Empty: this host's GPUs.",
+        optional=True,
+    ),
+    Setting(
         "usage.energy_price_per_kwh", "float", 0.0,
         "What a kWh of electricity costs, in usage.currency, to price the GPUs' energy in "
         "the Sprint review. 0: no price (energy is shown in Wh only).",
@@ -694,6 +701,11 @@ def load_settings(
                               f"{SETTINGS_BY_KEY[key].default!r})")
     services = load_services(values, file_services, where, env.get("SPARKOPS_SERVICES"), base_dir)
     remotes = load_remotes(values, file_remotes, where, env.get("SPARKOPS_REMOTES"), base_dir)
+    gpu_remote = values["usage.gpu_remote"]
+    if gpu_remote and gpu_remote not in {r.name for r in remotes}:
+        known = ", ".join(r.name for r in remotes) or "none is configured"
+        raise ConfigError(f"usage.gpu_remote names {gpu_remote!r}, which is no [remotes.NAME] table "
+                          f"(remotes: {known}); add [remotes.{gpu_remote}] or leave usage.gpu_remote empty")
     return Settings(values=values, source=source, base_dir=base_dir, services=services, remotes=remotes)
 
 

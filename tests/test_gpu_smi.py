@@ -1,4 +1,4 @@
-"""Another host's GPUs from nvidia-smi output (``sparkops.remote.gpu_smi``), and the fake
+"""Another host's GPUs from nvidia-smi output (``sparkops.meters.gpu_smi``), and the fake
 ``nvidia-smi`` in ``tests/fixtures/nvidia_smi`` that the SSH tests put on a test
 server's PATH.
 
@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sparkops.meters import gpu
-from sparkops.remote import gpu_smi
+from sparkops.meters import gpu, gpu_smi
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia_smi"
 FAKE = FIXTURES / "nvidia-smi"
@@ -333,3 +332,15 @@ def test_fake_fail_file_is_the_driver_failure(tmp_path: Path) -> None:
     assert done.stdout.splitlines()[0] == DRIVER_FAILURE
     snap = gpu_smi.parse(done.stdout, "", None, taken_at=NOW)
     assert not snap.available and DRIVER_FAILURE[:60] in snap.reason
+
+
+def test_the_energy_query_reads_each_gpus_counter_in_joules():
+    assert gpu_smi.energy_argv("/opt/nvidia-smi") == [
+        "/opt/nvidia-smi", "--query-gpu=index,total_energy_consumption,utilization.gpu",
+        "--format=csv,noheader,nounits"]
+    snap = gpu_smi.parse_energy("0, 123456789, 87\n1, [N/A], 3\n", taken_at=NOW, host="box")
+    assert snap.available and [(d.index, d.energy_j, d.utilization_pct) for d in snap.devices] == [
+        (0, 123456.789, 87.0), (1, None, 3.0)]
+    garbage = gpu_smi.parse_energy(DRIVER_FAILURE, taken_at=NOW, host="box")
+    assert not garbage.available and garbage.reason.startswith("nvidia-smi on box printed")
+    assert gpu_smi.parse_energy("", taken_at=NOW).reason == gpu_smi.NO_GPU

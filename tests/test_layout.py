@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sparkops"
 
 #: Bottom to top: a layer imports only from layers before it in this list.
-LAYERS = ["core", "config", "storage", "board", "jobs", "meters", "engine", "watch", "sprint", "remote", "demo",
+LAYERS = ["core", "config", "storage", "board", "jobs", "net", "meters", "engine", "watch", "sprint", "remote", "demo",
           "runner", "control", "ui", "app", "cli", "__main__"]
 #: The longest a module may be, in lines; the settings table is one declaration.
 MAX_LINES = 600

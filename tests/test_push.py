@@ -12,8 +12,8 @@ from conftest import NOW, make_settings, remote_env, run_cli
 
 from sparkops.board import transitions as board
 from sparkops.jobs.framework import JobContext
+from sparkops.net import ssh as remote
 from sparkops.remote import push
-from sparkops.remote import ssh as remote
 from sparkops.runner.registry import run_job
 from sparkops.sprint import export
 from sparkops.storage.store import open_store

@@ -13,7 +13,7 @@ from sshd import keygen
 
 from sparkops.config import load_settings
 from sparkops.core.errors import ConfigError, Refused
-from sparkops.remote import ssh as remote
+from sparkops.net import ssh as remote
 
 
 def ssh_keygen_fingerprint(pub: Path) -> str:

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import NOW, make_settings, remote_env, run_cli
 
+from sparkops.core.errors import ConfigError
 from sparkops.jobs.framework import JobContext
-from sparkops.meters import gpu
+from sparkops.meters import gpu, ledger
+from sparkops.meters.sample import Meter
+from sparkops.net import ssh as remote
 from sparkops.remote import gpu as remote_gpu
-from sparkops.remote import ssh as remote
 from sparkops.runner.registry import run_job
 from sparkops.storage.store import open_store
 
@@ -91,3 +93,47 @@ def test_remote_check_prints_the_gpus(ctx, ssh_server, tmp_path):
     assert done.stdout.count("NVIDIA H100 80GB HBM3") == 2 and "/usr/bin/python3" in done.stdout
     as_json = json.loads(run_cli("remote", "check", "--json", cwd=tmp_path, env=env).stdout)
     assert as_json[0]["gpu"]["driver_version"] == "550.54.15"
+
+
+# -- a run's energy from another host's GPUs (usage.gpu_remote) --------------------------------------
+
+
+def test_a_runs_energy_is_read_from_the_remote_gpu_that_serves_it(ssh_server, tmp_path):
+    """vLLM on another box: each sample reads that box's energy counters over a real
+    SSH login (host key verified); a run's energy is their increase, exactly."""
+    install_fake(ssh_server, "discrete")
+    settings = make_settings(tmp_path, SPARKOPS_USAGE_GPU_REMOTE="spark1",
+                             SPARKOPS_SERVICES=json.dumps({"vllm": {"enabled": False}}),
+                             **remote_env(ssh_server, tmp_path, name="spark1"))
+    meter = Meter.of(settings)
+    energy = ssh_server.bin / "energy.csv"
+    energy.write_text("0, 1000000, 40\n1, 2000000, 60\n")  # two GPUs' counters, mJ
+    first = meter.read(now=100.0)
+    assert first.sources["gpu"] == "ok" and first.energy_j == 3000.0 and first.gpu_util_pct == 50.0
+    store = open_store(settings, create=True)
+    try:
+        ledger.record(store.ops, run_id=1, task_id="t_a", host="here", sample=first)
+        energy.write_text("0, 1400000, 90\n1, 2200000, 70\n")
+        used = ledger.record(store.ops, run_id=1, task_id="t_a", host="here", sample=meter.read(now=160.0),
+                             ended=True)
+    finally:
+        store.dispose()
+    assert used.energy_j == 600.0 and not used.estimated  # (1400 - 1000) + (2200 - 2000) J
+    assert used.gpu_seconds == pytest.approx((50 + 80) / 200 * 60)
+
+    energy.write_text("0, [N/A], 40\n")  # a GPU that does not count its energy
+    assert meter.read().sources["gpu"] == "no energy counter"
+    (ssh_server.bin / "fail").write_text("")  # the driver is gone there
+    failed = meter.read()
+    assert failed.energy_j is None and failed.sources["gpu"].startswith("nvidia-smi on spark1 exited 9")
+
+
+def test_an_untrusted_or_unknown_gpu_remote_is_said(ssh_server, tmp_path):
+    install_fake(ssh_server, "discrete")
+    (ssh_server.bin / "energy.csv").write_text("0, 1000000, 40\n")
+    untrusted = make_settings(tmp_path, SPARKOPS_USAGE_GPU_REMOTE="spark1",
+                              **remote_env(ssh_server, tmp_path / "elsewhere", name="spark1", trusted=False))
+    said = Meter.of(untrusted).read()
+    assert said.energy_j is None and said.sources["gpu"].startswith("cannot read spark1's GPUs over SSH")
+    with pytest.raises(ConfigError, match=r"usage.gpu_remote names 'nowhere', which is no \[remotes.NAME\]"):
+        make_settings(tmp_path, SPARKOPS_USAGE_GPU_REMOTE="nowhere", **remote_env(ssh_server, tmp_path, name="spark1"))

@@ -18,7 +18,7 @@ import pytest
 from conftest import NOW, ROOT, make_settings, remote_env, run_cli, wait_for
 from sshd import free_port
 
-from sparkops.remote import ssh as remote
+from sparkops.net import ssh as remote
 from sparkops.remote import tunnel
 from sparkops.storage.store import open_store
 

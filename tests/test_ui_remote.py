@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import NOW, make_settings, run_page
 
+from sparkops.meters import gpu_smi
+from sparkops.net import ssh as remote
 from sparkops.remote import gpu as remote_gpu
-from sparkops.remote import gpu_smi
-from sparkops.remote import ssh as remote
 from sparkops.storage.store import open_store
 
 HOST = "gb10-test"

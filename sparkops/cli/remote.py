@@ -26,8 +26,8 @@ def _remote_names(args, settings: Settings) -> list[str]:
 
 
 def cmd_remote_check(args: argparse.Namespace, settings: Settings) -> int:
+    from sparkops.net import ssh as remote
     from sparkops.remote import gpu as remote_gpu
-    from sparkops.remote import ssh as remote
 
     rows = []
     for name in _remote_names(args, settings):
@@ -66,7 +66,7 @@ def cmd_remote_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_remote_trust(args: argparse.Namespace, settings: Settings) -> int:
-    from sparkops.remote import ssh as remote
+    from sparkops.net import ssh as remote
 
     spec = settings.remote(args.name)
     key = remote.scan_key(settings, args.name)

@@ -15,6 +15,7 @@ from typing import Any
 
 from sparkops.config import Settings
 from sparkops.core import clock, json_text
+from sparkops.core.errors import SparkOpsError
 from sparkops.meters import gpu
 from sparkops.meters.gpu import GpuSnapshot
 from sparkops.meters.prometheus import (
@@ -109,22 +110,48 @@ def _vllm_counters(url: str, timeout: float, sources: dict[str, str]) -> dict[st
 @dataclass(frozen=True)
 class Meter:
     """What a run's shim reads at each of its samples: the ``/metrics`` of the
-    configured vLLM (the first enabled service whose check is ``vllm``) and this
-    host's GPUs (``nvml``: None is NVML itself, as :func:`sparkops.meters.gpu.snapshot`)."""
+    configured vLLM (the first enabled service whose check is ``vllm``) and the GPUs
+    that serve it: this host's through NVML (``nvml``: None is NVML itself, as
+    :func:`sparkops.meters.gpu.snapshot`), or, with ``usage.gpu_remote``, another
+    host's through ``nvidia-smi`` over SSH (``gpu_remote``)."""
 
     metrics_url: str | None
     timeout: float = 2.0
     nvml: Any = None
+    gpu_remote: str | None = None
+    settings: Settings | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, settings: Settings) -> Meter | None:
         """The host's meter, or None when ``usage.meter`` is off."""
         if not settings["usage.meter"]:
             return None
+        remote = settings["usage.gpu_remote"] or None
         vllm = next((s for s in settings.services if s.check == "vllm" and s.enabled and s.url), None)
         if vllm is None:
-            return cls(metrics_url=None)
-        return cls(metrics_url=f"{vllm.url.rstrip('/')}/metrics", timeout=min(2.0, vllm.timeout_seconds))
+            return cls(metrics_url=None, gpu_remote=remote, settings=settings)
+        return cls(metrics_url=f"{vllm.url.rstrip('/')}/metrics", timeout=min(2.0, vllm.timeout_seconds),
+                   gpu_remote=remote, settings=settings)
 
     def read(self, *, now: float | None = None) -> Sample:
-        return read(metrics_url=self.metrics_url, gpu=gpu.snapshot(self.nvml), timeout=self.timeout, now=now)
+        snap = self._remote_gpus() if self.gpu_remote else gpu.snapshot(self.nvml)
+        return read(metrics_url=self.metrics_url, gpu=snap, timeout=self.timeout, now=now)
+
+    def _remote_gpus(self) -> GpuSnapshot:
+        """The energy counters of ``gpu_remote``'s GPUs, read over SSH (host key verified)."""
+        from sparkops.meters import gpu_smi
+        from sparkops.net import ssh
+
+        assert self.settings is not None and self.gpu_remote is not None
+        name, taken = self.gpu_remote, clock.now()
+        try:
+            spec = self.settings.remote(name)
+            with ssh.connect(self.settings, name) as conn:
+                done = conn.run(gpu_smi.energy_argv(spec.nvidia_smi),
+                                timeout=self.settings["remote.io_timeout_seconds"])
+        except (SparkOpsError, OSError) as exc:
+            return GpuSnapshot(False, f"cannot read {name}'s GPUs over SSH: {exc}", taken_at=taken)
+        if done.returncode != 0:
+            said = (done.stdout.strip() or done.stderr.strip() or "no output").splitlines()[0][:200]
+            return GpuSnapshot(False, f"nvidia-smi on {name} exited {done.returncode}: {said}", taken_at=taken)
+        return gpu_smi.parse_energy(done.stdout, taken_at=taken, host=name)

@@ -1,8 +1,8 @@
 """Other hosts' GPUs over SSH: ``nvidia-smi`` there, parsed into the NVML adapter's shape.
 
-The ``remote-gpu`` job logs in to each of ``remote.gpu_hosts`` (:mod:`sparkops.remote.ssh`,
+The ``remote-gpu`` job logs in to each of ``remote.gpu_hosts`` (:mod:`sparkops.net.ssh`,
 host key verified) and runs ``nvidia-smi --query-gpu=... --format=csv,noheader,nounits``
-and the ``--query-compute-apps`` query (:mod:`sparkops.remote.gpu_smi` parses them into a
+and the ``--query-compute-apps`` query (:mod:`sparkops.meters.gpu_smi` parses them into a
 :class:`sparkops.meters.gpu.GpuSnapshot`). A GB10 answers ``[N/A]`` for its memory; then
 the host's ``/proc/meminfo`` is read too, as the local adapter does.
 
@@ -22,9 +22,9 @@ from sqlalchemy import insert
 from sparkops.config import Settings
 from sparkops.core.clock import epoch
 from sparkops.jobs.framework import JobReport
+from sparkops.meters import gpu_smi
 from sparkops.meters.gpu import GpuDevice, GpuProcess, GpuSnapshot
-from sparkops.remote import gpu_smi
-from sparkops.remote import ssh as remote
+from sparkops.net import ssh as remote
 from sparkops.storage.db import Database
 from sparkops.storage.schema import ops_gpu_samples
 

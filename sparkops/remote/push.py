@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from sparkops.jobs.framework import JobLock, JobReport
-from sparkops.remote import ssh as remote
+from sparkops.net import ssh as remote
 from sparkops.sprint import export
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ remote.tunnel_remote_port`` on ``remote.tunnel_host`` forwarded to
 ``127.0.0.1:remote.tunnel_local_port`` (the app by default), in one of two modes:
 
 * ``paramiko`` (the default): this process holds the SSH connection (host key
-  verified, SSH and TCP keepalives, see :mod:`sparkops.remote.ssh`) and asks the server
+  verified, SSH and TCP keepalives, see :mod:`sparkops.net.ssh`) and asks the server
   for the forward; each connection that arrives through it is piped to the local
   port by a thread.
 * ``openssh``: it supervises ``ssh -N -R ...`` with ``ExitOnForwardFailure=yes``,
@@ -50,7 +50,7 @@ from sparkops.config import Settings, child_environment
 from sparkops.core import procs
 from sparkops.core.errors import ConfigError
 from sparkops.jobs.framework import JobReport
-from sparkops.remote import ssh as remote
+from sparkops.net import ssh as remote
 
 if TYPE_CHECKING:
     from sparkops.jobs.framework import JobContext

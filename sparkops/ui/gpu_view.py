@@ -17,8 +17,8 @@ import streamlit as st
 
 from sparkops.config import ServiceSpec, Settings
 from sparkops.meters import gpu
+from sparkops.net import ssh as remote
 from sparkops.remote import gpu as remote_gpu
-from sparkops.remote import ssh as remote
 from sparkops.storage.db import Database
 from sparkops.ui import data, views
 from sparkops.watch import services

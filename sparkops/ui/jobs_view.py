@@ -13,7 +13,7 @@ import pandas as pd
 
 from sparkops.jobs import framework as jobs
 from sparkops.jobs import history
-from sparkops.remote import ssh as remote
+from sparkops.net import ssh as remote
 from sparkops.storage.db import Database
 from sparkops.ui import data
 from sparkops.ui.views import duration, when

@@ -61,6 +61,40 @@ def apps_argv(binary: str = "nvidia-smi") -> list[str]:
     return [binary, "--query-compute-apps=" + ",".join(APP_FIELDS), FORMAT]
 
 
+#: The ``--query-gpu`` fields of a usage sample (:func:`energy_argv`): each GPU's total
+#: energy counter (mJ since the driver loaded) and its utilization now.
+ENERGY_FIELDS: tuple[str, ...] = ("index", "total_energy_consumption", "utilization.gpu")
+
+
+def energy_argv(binary: str = "nvidia-smi") -> list[str]:
+    """The command that reads the GPUs' energy counters, for :func:`parse_energy`."""
+    return [binary, "--query-gpu=" + ",".join(ENERGY_FIELDS), FORMAT]
+
+
+def parse_energy(energy_csv: str, *, taken_at: float, host: str = "") -> GpuSnapshot:
+    """The devices' energy counters (``energy_j``) and utilization from the output of
+    :func:`energy_argv`; a device without the counter has None. Never raises."""
+    where = _Where(host)
+    devices: list[GpuDevice] = []
+    try:
+        for line, row in _rows(energy_csv, len(ENERGY_FIELDS), 0, _expected("--query-gpu", ENERGY_FIELDS)):
+            values = dict(zip(ENERGY_FIELDS, row, strict=True))
+            try:
+                device = GpuDevice(index=int(values["index"]))
+            except ValueError:
+                raise _Garbage(line, "a GPU index (an integer) as the first value") from None
+            millijoules = _number(values, "total_energy_consumption", device.notes)
+            device.energy_j = None if millijoules is None else millijoules / 1000.0
+            device.utilization_pct = _number(values, "utilization.gpu", device.notes)
+            devices.append(device)
+    except _Garbage as exc:
+        return failed(exc.reason(where.label), taken_at)
+    if not devices:
+        return GpuSnapshot(True, NO_GPU, taken_at=taken_at)
+    return GpuSnapshot(True, _with_notes(f"{len(devices)} GPU(s)", where.notes), devices=devices,
+                       taken_at=taken_at)
+
+
 def failed(reason: str, taken_at: float) -> GpuSnapshot:
     """A snapshot saying the GPUs could not be read, and why."""
     return GpuSnapshot(False, reason, taken_at=taken_at)
