@@ -1,7 +1,9 @@
 """Export: the files read back to the database's rows (csv module, pandas, JSON),
-exact times and durations, odd text and formula cells, phases, atomic replacement
-(a failed rename, an error, a real SIGKILL before and between the renames, readers
-during exports), the columns against docs/export.md, and both backends."""
+exact times and durations, odd text and formula cells, phases, each run's and task's
+usage read back to the ops database's (and empty where not measured), atomic
+replacement (a failed rename, an error, a real SIGKILL before and between the
+renames, readers during exports), the columns against docs/export.md, and both
+backends."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import csv
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -26,21 +29,29 @@ from sqlalchemy import insert, select
 
 from sparkops.board import phases
 from sparkops.board import transitions as board
+from sparkops.board.model import Outcome
 from sparkops.config import mask_url
 from sparkops.core.errors import StorageError
 from sparkops.jobs.framework import JobBusy, JobContext, JobLock
-from sparkops.sprint import cells, export
+from sparkops.meters import ledger
+from sparkops.meters.reported import Reported
+from sparkops.meters.sample import Sample
+from sparkops.meters.spend import Prices, Spend, total
+from sparkops.meters.usage import Usage
+from sparkops.sprint import cells, export, export_usage
 from sparkops.sprint.export import (
     CSV_FILES,
     EVENT_COLUMNS,
     FILES,
     PHASE_COLUMNS,
     RUN_COLUMNS,
+    RUN_USAGE_COLUMNS,
     TASK_COLUMNS,
+    TASK_USAGE_COLUMNS,
     read_csv_rows,
     verify_export,
 )
-from sparkops.storage.schema import ops_events, ops_reports, task_events, task_links, task_runs, tasks
+from sparkops.storage.schema import ops_events, ops_reports, ops_run_usage, task_events, task_links, task_runs, tasks
 
 DOC = ROOT / "docs" / "export.md"
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -135,6 +146,7 @@ def test_tasks_runs_and_events_read_back_to_the_database_rows(ctx, sqlite_store,
         "parents": " ".join(sorted(p for p, c in links if c == t["id"])),
         "consecutive_failures": text(t["consecutive_failures"]), "block_kind": text(t["block_kind"]),
         "last_failure_error": text(t["last_failure_error"]), "result": text(t["result"]), "body": text(t["body"]),
+        **{c.name: "" for c in TASK_USAGE_COLUMNS},  # no run was metered
     } for t in db_tasks]
     assert read_csv_rows(out / "tasks.csv") == expected_tasks
     by_id = {t["id"]: t for t in read_csv_rows(out / "tasks.csv")}
@@ -151,7 +163,7 @@ def test_tasks_runs_and_events_read_back_to_the_database_rows(ctx, sqlite_store,
         "duration_seconds": text(r["ended_at"] and r["ended_at"] - r["started_at"]),
         "last_heartbeat_at": iso(r["last_heartbeat_at"]), "claim_lock": text(r["claim_lock"]),
         "worker_pid": text(r["worker_pid"]), "summary": text(r["summary"]), "error": text(r["error"]),
-        "metadata": text(r["metadata"]),
+        "metadata": text(r["metadata"]), **{c.name: "" for c in RUN_USAGE_COLUMNS},
     } for r in db_runs]
 
     db_events = db_rows(sqlite_store.board, task_events)
@@ -380,7 +392,277 @@ def test_an_empty_board_exports_headers_and_valid_json(ctx, tmp_path):
     doc = load_board(out)
     assert [doc[t]["rows"] for t in ("tasks", "runs", "events", "phases")] == [[], [], [], []]
     assert doc["metrics"] is None
+    assert doc["usage"] == {"currency": "USD", "energy_price_per_kwh": 0.0,
+                            "api_price_per_million_prompt_tokens": 0.0,
+                            "api_price_per_million_generation_tokens": 0.0, "total": Spend().as_dict()}
     assert result.summary().startswith("exported 0 tasks, 0 runs, 0 events, 0 phases to ")
+
+
+# -- usage ----------------------------------------------------------------------------
+
+#: Prices in a currency of their own, so that a cost reported in USD is not "paid".
+PRICES = {"SPARKOPS_USAGE_ENERGY_PRICE_PER_KWH": "0.3", "SPARKOPS_USAGE_CURRENCY": "EUR",
+          "SPARKOPS_USAGE_API_PRICE_PER_MILLION_PROMPT_TOKENS": "3",
+          "SPARKOPS_USAGE_API_PRICE_PER_MILLION_GENERATION_TOKENS": "15"}
+NUMBER_CELL = re.compile(r"\d+\.\d+(e[+-]\d+)?|\d+(\.\d+)?e[+-]\d+")  # what repr() makes of a float
+
+
+class Host:
+    """A host's meters, counting up as runs on it use them: a first and a last sample
+    per run, kept with ``ledger.record``."""
+
+    def __init__(self, ops, name: str = "h"):
+        self.ops, self.name = ops, name
+        self.counters = {"prompt_tokens": 0.0, "generation_tokens": 0.0, "requests": 0.0, "energy_j": 0.0}
+
+    def sample(self, run_id: int, task_id: str, at: float, *, util: float = 50.0, ended: bool = False,
+               **used: float) -> None:
+        for name, amount in used.items():
+            self.counters[name] += amount
+        ledger.record(self.ops, run_id=run_id, task_id=task_id, host=self.name, ended=ended,
+                      sample=Sample(at=at, **self.counters, gpu_util_pct=util, sources={"vllm": "ok", "gpu": "ok"}))
+
+    def run(self, run_id: int, task_id: str, start: float, end: float, **used: float) -> None:
+        """One run alone on the host from ``start`` to ``end``: its usage is exactly ``used``."""
+        self.sample(run_id, task_id, start)
+        self.sample(run_id, task_id, end, ended=True, **used)
+
+
+def usage_board(store) -> dict:
+    """Tasks and runs with every kind of usage: measured (a task failed once and
+    retried), measured and reported, reported only (in another currency), two runs
+    sharing a host (estimated), not metered at all, and a usage row whose run is not
+    on the board."""
+    db, ops = store.board, store.ops
+    a = board.create_task(db, "metered, retried", now=NOW)
+    r1 = board.claim(db, a, lock="host:1", now=NOW + 100).run_id
+    board.fail(db, a, run_id=r1, outcome=Outcome.CRASHED, error="boom", failure_limit=3, now=NOW + 200)
+    r2 = board.claim(db, a, lock="host:1", now=NOW + 300).run_id
+    board.complete(db, a, now=NOW + 500)
+    b = board.create_task(db, "not metered", now=NOW + 1)
+    r3 = board.claim(db, b, lock="host:1", now=NOW + 600).run_id
+    board.complete(db, b, now=NOW + 700)
+    c = board.create_task(db, "reported only", now=NOW + 2)
+    r4 = board.claim(db, c, lock="host:1", now=NOW + 800).run_id
+    board.complete(db, c, now=NOW + 900)
+    d = board.create_task(db, "shared host", now=NOW + 3)
+    r5 = board.claim(db, d, lock="host:2", now=NOW + 1000).run_id
+    board.complete(db, d, now=NOW + 1020)
+    e = board.create_task(db, "shared host too", now=NOW + 4)
+    r6 = board.claim(db, e, lock="host:2", now=NOW + 1010).run_id  # still running
+
+    host = Host(ops)
+    host.run(r1, a, NOW + 100, NOW + 200, prompt_tokens=1000, generation_tokens=500, requests=4, energy_j=7200)
+    host.run(r2, a, NOW + 300, NOW + 500, prompt_tokens=2000, generation_tokens=800, requests=6,
+             energy_j=3 * 3600)
+    ledger.report(ops, run_id=r2, task_id=a, host="h",
+                  reported=Reported(prompt_tokens=2500, generation_tokens=900, cost=0.25, currency="EUR"))
+    ledger.report(ops, run_id=r4, task_id=c, host="h",
+                  reported=Reported(prompt_tokens=40_000, generation_tokens=1_000, cost=1.5, currency="USD"))
+    ledger.report(ops, run_id=9999, task_id=a, host="h", reported=Reported(prompt_tokens=10**6, cost=99.0))
+    other = Host(ops, "h2")
+    other.sample(r5, d, NOW + 1000)
+    other.sample(r6, e, NOW + 1010, prompt_tokens=100, energy_j=360)
+    other.sample(r5, d, NOW + 1020, ended=True, prompt_tokens=100, energy_j=360)
+    other.sample(r6, e, NOW + 1030, prompt_tokens=100, energy_j=360)
+    return {"tasks": {"a": a, "b": b, "c": c, "d": d, "e": e},
+            "runs": {"r1": r1, "r2": r2, "r3": r3, "r4": r4, "r5": r5, "r6": r6}}
+
+
+def expected_cell(value, kind: str) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if kind == "integer" else repr(float(value))
+
+
+def test_each_runs_usage_reads_back_to_the_ops_database_and_unmetered_runs_are_empty(sqlite_store, tmp_path,
+                                                                                       monkeypatch):
+    made = usage_board(sqlite_store)
+    t, r = made["tasks"], made["runs"]
+    ctx = JobContext.create(make_settings(tmp_path, **PRICES), sqlite_store)
+    calls = []
+    for name in ("of_runs", "of_tasks"):  # the usage is read per chunk of rows, not all at once
+        real = getattr(ledger, name)
+        monkeypatch.setattr(ledger, name, lambda db, ids, real=real, name=name: (calls.append((name, len(ids))),
+                                                                                 real(db, ids))[1])
+    monkeypatch.setattr(export, "CHUNK_ROWS", 2)
+    export.export(ctx, now=NOW + 2000, phase_of={t["a"]: "P1", t["b"]: "P1"})
+    out = tmp_path / "exports"
+    assert {n for n, _ in calls} == {"of_runs", "of_tasks"} and max(size for _, size in calls) <= 2
+    assert sum(size for n, size in calls if n == "of_runs") == 6
+
+    runs = {int(row["id"]): row for row in read_csv_rows(out / "runs.csv")}
+    assert list(runs) == sorted(r.values())
+    names = [c.name for c in RUN_COLUMNS]
+    assert names[:16] == ["id", "task_id", "phase", "profile", "step_key", "status", "outcome", "started_at",
+                          "ended_at", "duration_seconds", "last_heartbeat_at", "claim_lock", "worker_pid",
+                          "summary", "error", "metadata"]  # the columns before stay where they were
+    assert names[16:] == ["prompt_tokens", "generation_tokens", "requests", "energy_wh", "gpu_seconds",
+                          "usage_estimated", "usage_reported", "paid", "energy_cost", "api_cost"]
+
+    def figures(run_id: int) -> dict:
+        return {c.name: runs[run_id][c.name] for c in RUN_USAGE_COLUMNS}
+
+    # measured alone on the host: exactly the counters' increase, priced
+    assert figures(r["r1"]) == {
+        "prompt_tokens": "1000.0", "generation_tokens": "500.0", "requests": "4.0", "energy_wh": "2.0",
+        "gpu_seconds": "50.0", "usage_estimated": "0", "usage_reported": "0", "paid": "",
+        "energy_cost": repr(2.0 / 1000 * 0.3), "api_cost": repr((1000 * 3 + 500 * 15) / 1e6)}
+    # measured and reported: the agent's token counts, vLLM's requests, the GPUs' energy, what it paid
+    assert figures(r["r2"]) == {
+        "prompt_tokens": "2500.0", "generation_tokens": "900.0", "requests": "6.0", "energy_wh": "3.0",
+        "gpu_seconds": "100.0", "usage_estimated": "0", "usage_reported": "1", "paid": "0.25",
+        "energy_cost": repr(3.0 / 1000 * 0.3), "api_cost": repr((2500 * 3 + 900 * 15) / 1e6)}
+    assert figures(r["r3"]) == {c.name: "" for c in RUN_USAGE_COLUMNS}  # not metered: empty, never 0
+    # reported only, in USD while the prices are in EUR: not counted as paid
+    assert figures(r["r4"]) == {
+        "prompt_tokens": "40000.0", "generation_tokens": "1000.0", "requests": "", "energy_wh": "",
+        "gpu_seconds": "", "usage_estimated": "0", "usage_reported": "1", "paid": "", "energy_cost": "",
+        "api_cost": repr((40_000 * 3 + 1_000 * 15) / 1e6)}
+    assert runs[r["r5"]]["usage_estimated"] == runs[r["r6"]]["usage_estimated"] == "1"  # shared a host
+    assert float(runs[r["r5"]]["energy_wh"]) + float(runs[r["r6"]]["energy_wh"]) == pytest.approx(0.3)
+
+    # every cell is the ledger's usage as a Spend, exactly (repr round-trips a float)
+    usage = ledger.of_runs(sqlite_store.ops, list(runs))
+    prices = Prices.of(ctx.settings)
+    spends = {run_id: Spend.of(usage.get(run_id), prices) for run_id in runs}
+    for run_id, row in runs.items():
+        spend = spends[run_id]
+        for column in RUN_USAGE_COLUMNS:
+            attr = {"usage_estimated": "estimated", "usage_reported": "reported"}.get(column.name, column.name)
+            value = getattr(spend, attr) if spend.metered else None
+            assert row[column.name] == expected_cell(value, column.kind), (run_id, column.name)
+            if row[column.name] and column.kind == "number":
+                assert NUMBER_CELL.fullmatch(row[column.name]) and float(row[column.name]) == value
+
+    # board.json: the same figures typed (null where not measured), the prices and the total
+    doc = load_board(out)
+    as_json = {row["id"]: row for row in json_records(doc, "runs")}
+    assert all(as_json[r["r3"]][c.name] is None for c in RUN_USAGE_COLUMNS)
+    assert as_json[r["r2"]]["prompt_tokens"] == 2500.0 and as_json[r["r2"]]["usage_reported"] == 1
+    assert as_json[r["r1"]]["paid"] is None and as_json[r["r1"]]["energy_wh"] == 2.0
+    expected_total = total(spends.values())  # the row for run 9999, not on the board, is left out
+    assert {k: v for k, v in doc["usage"].items() if k != "total"} == {
+        "currency": "EUR", "energy_price_per_kwh": 0.3, "api_price_per_million_prompt_tokens": 3.0,
+        "api_price_per_million_generation_tokens": 15.0}
+    assert doc["usage"]["total"] == pytest.approx(expected_total.as_dict())  # summed per chunk: in another order
+    assert (doc["usage"]["total"]["runs"], doc["usage"]["total"]["metered"], doc["usage"]["total"]["reported"],
+            doc["usage"]["total"]["estimated"], doc["usage"]["total"]["paid"]) == (6, 5, 2, 2, 0.25)
+    assert verify_export(out) == []
+
+
+def test_each_tasks_usage_sums_its_runs_retries_included(sqlite_store, tmp_path):
+    made = usage_board(sqlite_store)
+    t = made["tasks"]
+    ctx = JobContext.create(make_settings(tmp_path, **PRICES), sqlite_store)
+    export.export(ctx, now=NOW + 2000)
+    out = tmp_path / "exports"
+    tasks_ = {row["id"]: row for row in read_csv_rows(out / "tasks.csv")}
+    assert [c.name for c in TASK_COLUMNS][-5:] == ["body", "tokens", "energy_wh", "gpu_seconds", "cost"]
+
+    def figures(task_id: str) -> tuple:
+        return tuple(tasks_[task_id][c.name] for c in TASK_USAGE_COLUMNS)
+
+    # a: the failed run and its retry (1500 measured + 3400 reported tokens), not the row for run 9999
+    assert tasks_[t["a"]]["runs"] == "2"
+    assert figures(t["a"]) == ("4900.0", "5.0", "150.0", repr(2.0 / 1000 * 0.3 + 0.25 + 3.0 / 1000 * 0.3))
+    assert figures(t["b"]) == ("", "", "", "")  # no run metered
+    assert figures(t["c"]) == ("41000.0", "", "", "")  # no energy, and paid in another currency: no cost
+    # grouping runs.csv by task gives the same sums
+    frame = pd.read_csv(out / "runs.csv", dtype={"task_id": str})
+    for task_id, row in tasks_.items():
+        mine = frame[frame["task_id"] == task_id]
+        sums = {"tokens": (mine["prompt_tokens"].sum(min_count=1), mine["generation_tokens"].sum(min_count=1)),
+                "energy_wh": mine["energy_wh"].sum(min_count=1), "gpu_seconds": mine["gpu_seconds"].sum(min_count=1)}
+        tokens = [v for v in sums.pop("tokens") if not math.isnan(v)]
+        assert (float(row["tokens"]) if row["tokens"] else None) == (pytest.approx(sum(tokens)) if tokens else None)
+        for name, value in sums.items():
+            assert (float(row[name]) if row[name] else None) == (None if math.isnan(value) else pytest.approx(value))
+    as_json = {row["id"]: row for row in json_records(load_board(out), "tasks")}
+    assert (as_json[t["a"]]["tokens"], as_json[t["b"]]["tokens"], as_json[t["b"]]["cost"]) == (4900.0, None, None)
+
+    # docs/export.md's recipe for the usage figures runs as written
+    recipe = next(b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+                  if "energy_wh_by_phase" in b)
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(recipe, str(DOC), "exec"), scope)  # noqa: S102 - our own documentation
+    finally:
+        os.chdir(cwd)
+    assert scope["energy_wh_by_phase"]["(none)"] == pytest.approx(2.0 + 3.0 + 0.3)
+
+
+def test_no_usage_value_can_make_a_formula_or_a_bad_number(sqlite_store, tmp_path):
+    db = sqlite_store.board
+    ids = [board.create_task(db, f"task {i}", now=NOW + i) for i in range(3)]
+    runs = [board.claim(db, task_id, lock="host:1", now=NOW + 10).run_id for task_id in ids]
+    bad = {"prompt_tokens": "=cmd()", "generation_tokens": "+1", "requests": "@SUM(A1)", "energy_j": "-1+1",
+           "gpu_seconds": "\t1", "estimated": "=1", "seconds": "'x"}
+    with sqlite_store.ops.write() as conn:  # rows another tool (or a bug) could have written
+        conn.execute(insert(ops_run_usage), [
+            {"run_id": runs[0], "task_id": ids[0], "host": "h", "first_at": NOW, "last_at": NOW, "ended": 1,
+             "data": json.dumps(bad), "reported": json.dumps({"prompt_tokens": "=2+2", "cost": "-3"})},
+            {"run_id": runs[1], "task_id": ids[1], "host": "h", "first_at": NOW, "last_at": NOW, "ended": 1,
+             "data": '{"prompt_tokens": Infinity, "energy_j": NaN, "gpu_seconds": -Infinity, "requests": 1e308}',
+             "reported": None},
+            {"run_id": runs[2], "task_id": ids[2], "host": "h", "first_at": NOW, "last_at": NOW, "ended": 1,
+             "data": "not json", "reported": '{"generation_tokens": 1e-7}'},
+        ])
+    ctx = JobContext.create(make_settings(tmp_path, SPARKOPS_USAGE_ENERGY_PRICE_PER_KWH="0.3"), sqlite_store)
+    export.export(ctx, now=NOW + 100)
+    out = tmp_path / "exports"
+    for name, columns in (("runs.csv", RUN_USAGE_COLUMNS), ("tasks.csv", TASK_USAGE_COLUMNS)):
+        with open(out / name, encoding="utf-8", newline="") as fh:
+            raw = list(csv.DictReader(fh))
+        for row in raw:
+            for column in columns:
+                cell = row[column.name]
+                assert cell == "" or (NUMBER_CELL.fullmatch(cell) if column.kind == "number"
+                                      else cell in ("0", "1")), (name, column.name, cell)
+                assert not cell.startswith((*FORMULA_START, "'"))
+    got = {int(row["id"]): row for row in read_csv_rows(out / "runs.csv")}
+    # the text is no figure: metered, but nothing measured
+    assert [got[runs[0]][c.name] for c in RUN_USAGE_COLUMNS] == ["", "", "", "", "", "0", "0", "", "", ""]
+    assert got[runs[1]]["requests"] == "1e+308"  # kept: a finite number
+    assert [got[runs[1]][n] for n in ("prompt_tokens", "energy_wh", "gpu_seconds", "energy_cost")] == [""] * 4
+    assert (got[runs[2]]["generation_tokens"], got[runs[2]]["usage_reported"]) == ("1e-07", "1")
+    # board.json stays strict JSON: no NaN or Infinity anywhere, the total included
+    def refuse(constant: str):
+        raise ValueError(f"{constant} in board.json")
+    doc = json.loads((out / "board.json").read_text(encoding="utf-8"), parse_constant=refuse)
+    assert doc["usage"]["total"]["requests"] == 1e308 and doc["usage"]["total"]["prompt_tokens"] is None
+    assert doc["usage"]["total"]["generation_tokens"] == 1e-07
+
+
+def test_a_sum_of_spends_is_the_same_as_adding_them_one_by_one():
+    prices = Prices(per_kwh=0.3, prompt_per_million=3.0, generation_per_million=15.0, currency="EUR")
+    usages = [None, Usage(), Usage(prompt_tokens=10.0, energy_j=3600.0, estimated=True),
+              Usage(generation_tokens=0.1, gpu_seconds=2.0, reported=Reported(prompt_tokens=0.2, cost=0.3)),
+              Usage(requests=3.0, energy_j=0.7), Usage(prompt_tokens=1e-9, generation_tokens=1e12)]
+    spends = [Spend.of(u, prices) for u in usages]
+    for n in range(len(spends) + 1):
+        one_by_one = Spend()
+        for spend in spends[:n]:
+            one_by_one = one_by_one + spend
+        assert total(spends[:n]) == (one_by_one if n else Spend())  # exactly: the same additions in the same order
+    assert total(spends[2:3]) is spends[2]
+    assert export_usage.numbers([None, 1.5, 2, True, "=1", float("inf"), float("nan"), -0.5]) == [
+        None, 1.5, 2.0, None, None, None, None, -0.5]
+
+
+def test_an_ops_database_that_cannot_be_read_is_a_storage_error_and_changes_nothing(ctx, sqlite_store, tmp_path):
+    build_board(sqlite_store.board)
+    export.export(ctx, now=NOW + 1000)
+    out = tmp_path / "exports"
+    before = files_bytes(out)
+    with sqlite_store.ops.write() as conn:
+        conn.exec_driver_sql("DROP TABLE ops_run_usage")
+    with pytest.raises(StorageError, match="cannot read the runs' usage for the export from the ops database "
+                                           ".*ops_run_usage"):
+        export.export(ctx, now=NOW + 2000)
+    assert files_bytes(out) == before and leftovers(out) == []
 
 
 # -- atomic replacement ------------------------------------------------------------------
@@ -647,6 +929,9 @@ def test_the_job_resolves_phases_includes_review_metrics_and_records_an_event(ct
 def test_export_on_both_backends(store, tmp_path):
     ctx = JobContext.create(make_settings(tmp_path, board_url=store.board.url, ops_url=store.ops.url), store)
     ids = build_board(store.board)
+    first_run = db_rows(store.board, task_runs)[0]["id"]
+    ledger.report(store.ops, run_id=first_run, task_id=ids["a"], host="h",
+                  reported=Reported(prompt_tokens=1200, generation_tokens=300, cost=0.5))
     result = export.export(ctx, now=NOW + 1000, phase_of={ids["a"]: "P1"})
     out = tmp_path / "exports"
     db_tasks = db_rows(store.board, tasks)
@@ -656,6 +941,11 @@ def test_export_on_both_backends(store, tmp_path):
         (r["id"], text(r["ended_at"] and r["ended_at"] - r["started_at"])) for r in db_rows(store.board, task_runs)]
     assert [int(e["id"]) for e in read_csv_rows(out / "events.csv")] == [
         e["id"] for e in db_rows(store.board, task_events)]
+    runs = read_csv_rows(out / "runs.csv")
+    assert [(r["prompt_tokens"], r["usage_reported"], r["paid"]) for r in runs] == [
+        ("1200.0", "1", "0.5")] + [("", "", "")] * (len(runs) - 1)
+    assert {t["id"]: t["tokens"] for t in read_csv_rows(out / "tasks.csv")}[ids["a"]] == "1500.0"
     doc = load_board(out)
     assert doc["board"] == mask_url(store.board.url)
+    assert doc["usage"]["total"]["paid"] == 0.5 and doc["usage"]["total"]["metered"] == 1
     assert result.rows("tasks.csv") == 4 and verify_export(out) == []

@@ -105,10 +105,19 @@ class Spend:
 
 
 def total(spends: Iterable[Spend]) -> Spend:
-    found = Spend()
-    for spend in spends:
-        found = found + spend
-    return found
+    """The sum of ``spends``, field by field (a figure None where every part is None):
+    the same as adding them one by one, at a fraction of the time for thousands."""
+    spends = list(spends)
+    if len(spends) < 2:
+        return spends[0] if spends else Spend()
+    found = {}
+    for name in _FIELDS:
+        known = [v for s in spends if (v := getattr(s, name)) is not None]
+        found[name] = sum(known) if known else None
+    return Spend(**found)
+
+
+_FIELDS = tuple(f.name for f in fields(Spend))
 
 
 #: How a figure of a spend is written for people: numbers with their unit, "not

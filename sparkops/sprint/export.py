@@ -5,16 +5,19 @@ every column):
 
 * ``tasks.csv``, ``runs.csv``, ``phases.csv``: the sprint-review tables, with fixed
   columns in a fixed order (:data:`TASK_COLUMNS`, :data:`RUN_COLUMNS`,
-  :data:`PHASE_COLUMNS`); ``events.csv`` (:data:`EVENT_COLUMNS`);
+  :data:`PHASE_COLUMNS`); ``events.csv`` (:data:`EVENT_COLUMNS`). Each run's and
+  each task's usage (tokens, GPU energy and time, costs) is in the columns at the end
+  of ``runs.csv`` and ``tasks.csv`` (:mod:`sparkops.sprint.export_usage`);
 * ``board.json``: the same tables as ``{"columns": [...], "rows": [[...]]}`` (typed,
-  text raw), the metrics, when and from which board it was made, and each CSV's
-  rows, bytes and SHA-256.
+  text raw), the metrics, the prices and total usage, when and from which board it
+  was made, and each CSV's rows, bytes and SHA-256.
 
 **Format.** UTF-8 without a BOM; the CSV dialect is RFC 4180 as Python's ``csv``
 writes it (comma, ``"`` quoting only where needed, ``""`` inside quotes, CRLF between
 rows, newlines inside a quoted cell kept as they are). Times are ISO 8601 UTC to the
 second (``2026-11-29T04:20:00Z``), empty (``null`` in JSON) when unset; durations are
-whole seconds. A text cell that a spreadsheet would run as a formula (it starts with
+whole seconds; usage figures are floats as Python writes them, empty when not
+measured (never 0). A text cell that a spreadsheet would run as a formula (it starts with
 ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) is written with a ``'`` in
 front (OWASP's advice against CSV injection); so that this stays reversible, a cell
 that starts with ``'`` gets one more. :func:`read_csv_rows` undoes it. Numbers and
@@ -38,11 +41,12 @@ fsync'ed. So:
    :func:`verify_export` compares them.
 
 All files come from one read transaction (one snapshot of the board), and one export
-at a time writes into a directory (an ``flock`` on ``.export.lock`` there).
+at a time writes into a directory (an ``flock`` on ``.export.lock`` there). The usage
+figures are the ops database's, read chunk by chunk as the rows are written.
 
 **Memory.** Rows are streamed from the database in chunks of :data:`CHUNK_ROWS` and
-written as they come; what is held whole is per task (its run count, its parents,
-the phase summary), never per run or event.
+written as they come, each chunk's usage read with it; what is held whole is per task
+(its run count, its parents, the phase summary), never per run or event.
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ from sparkops.config import mask_url
 from sparkops.core.clock import epoch
 from sparkops.core.errors import SparkOpsError
 from sparkops.jobs.framework import JobContext, JobLock, JobReport
+from sparkops.meters.spend import Prices
 from sparkops.sprint import cells, file_set
+from sparkops.sprint.export_usage import RUN_USAGE, TASK_USAGE, UsageColumns, numbers
 from sparkops.storage.db import Database
 from sparkops.storage.schema import ops_events, ops_reports, task_events, task_links, task_runs, tasks
 
@@ -80,14 +86,15 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 5000
 #: The phase of a task that has none (no ``phase_of`` given, or the task is not in it).
 NO_PHASE = "(none)"
-#: Written to ``board.json`` as ``format`` and ``version``.
+#: Written to ``board.json`` as ``format`` and ``version``; raised when a column is
+#: removed or changes meaning, not when one is added at the end of a table.
 FORMAT, FORMAT_VERSION = "sparkops-board-export", 1
 LOCK_NAME = ".export.lock"
 
 
 @dataclass(frozen=True)
 class Column:
-    """One exported column. ``kind``: text | integer | time | seconds | ids."""
+    """One exported column. ``kind``: text | integer | number | time | seconds | ids."""
 
     name: str
     kind: str
@@ -102,14 +109,16 @@ TASK_COLUMNS = _columns(
     "id:text title:text phase:text status:text assignee:text priority:integer created_by:text "
     "created_at:time started_at:time completed_at:time lead_time_seconds:seconds "
     "cycle_time_seconds:seconds runs:integer parents:ids consecutive_failures:integer "
-    "block_kind:text last_failure_error:text result:text body:text"
+    "block_kind:text last_failure_error:text result:text body:text " + TASK_USAGE
 )
 #: runs.csv, one row per run (attempt), by id.
 RUN_COLUMNS = _columns(
     "id:integer task_id:text phase:text profile:text step_key:text status:text outcome:text "
     "started_at:time ended_at:time duration_seconds:seconds last_heartbeat_at:time "
-    "claim_lock:text worker_pid:integer summary:text error:text metadata:text"
+    "claim_lock:text worker_pid:integer summary:text error:text metadata:text " + RUN_USAGE
 )
+#: The usage columns at the end of tasks.csv and runs.csv (empty: not measured).
+TASK_USAGE_COLUMNS, RUN_USAGE_COLUMNS = _columns(TASK_USAGE), _columns(RUN_USAGE)
 #: events.csv, one row per event, by id.
 EVENT_COLUMNS = _columns("id:integer task_id:text run_id:integer kind:text created_at:time payload:text")
 #: phases.csv, one row per phase, in phase order (P1, P2, ..., named phases, ``(none)``).
@@ -220,7 +229,8 @@ def export(ctx: JobContext, *, now: float | None = None, directory: str | os.Pat
             with file_set.FileSet(target, FILES) as staged:
                 try:
                     with board_db.snapshot() as conn:
-                        _write_all(conn, staged, phase_of or {}, metrics, generated_at, board_db.display_url)
+                        _write_all(conn, staged, phase_of or {}, metrics, generated_at, board_db.display_url,
+                                   UsageColumns(ctx.store.ops, Prices.of(ctx.settings)))
                 except DBAPIError as exc:
                     raise board_db.error("cannot export from", exc) from exc
                 staged.commit()
@@ -310,8 +320,10 @@ class _Table:
         if not count:
             return
         for_csv = []
-        for column, values in zip(self.columns, columns):
-            if column.kind == "text":
+        for i, (column, values) in enumerate(zip(self.columns, columns)):
+            if column.kind == "number":  # finite floats or None, in both files
+                values = columns[i] = numbers(values)
+            elif column.kind == "text":
                 values = cells.escaped(values)
             elif column.kind == "ids":
                 values = cells.escaped([" ".join(v) if v else None for v in values])
@@ -342,21 +354,23 @@ def _chunks(conn: Connection, statement) -> Iterator[list[list[Any]]]:
 
 
 def _write_all(conn: Connection, staged: file_set.FileSet, phase_of: Mapping[str, str], metrics: dict | None,
-               generated_at: int, board_url: str) -> None:
+               generated_at: int, board_url: str, usage: UsageColumns) -> None:
     head = {"format": FORMAT, "version": FORMAT_VERSION, "generated_at": cells.iso_time(generated_at),
             "board": mask_url(board_url), "metrics": metrics}
     body = json.dumps(head, ensure_ascii=False, indent=1, default=str)
     staged[JSON_FILE].write(body[:-2])  # without "\n}": the tables follow
-    phases = _write_tasks(conn, staged, phase_of)
-    _write_runs(conn, staged, phase_of)
+    phases = _write_tasks(conn, staged, phase_of, usage)
+    _write_runs(conn, staged, phase_of, usage)
     _write_events(conn, staged)
     _write_phases(staged, phases)
+    staged[JSON_FILE].write(',\n"usage": ' + json.dumps(usage.summary(), ensure_ascii=False, allow_nan=False))
     files = {name: {"rows": staged[name].rows, "bytes": staged[name].bytes, "sha256": staged[name].sha.hexdigest()}
              for name in CSV_FILES}
     staged[JSON_FILE].write(',\n"files": ' + json.dumps(files) + "\n}\n")
 
 
-def _write_tasks(conn: Connection, staged: file_set.FileSet, phase_of: Mapping[str, str]) -> dict[str, dict]:
+def _write_tasks(conn: Connection, staged: file_set.FileSet, phase_of: Mapping[str, str],
+                 usage: UsageColumns) -> dict[str, dict]:
     run_counts = dict(conn.execute(select(task_runs.c.task_id, func.count()).group_by(task_runs.c.task_id)).all())
     parents: dict[str, list[str]] = {}
     for parent, child in conn.execute(select(task_links.c.parent_id, task_links.c.child_id)):
@@ -381,6 +395,7 @@ def _write_tasks(conn: Connection, staged: file_set.FileSet, phase_of: Mapping[s
             ids, title, phase, status, assignee, priority, created_by, cells.times(created), cells.times(started),
             cells.times(completed), lead, cycle, [run_counts.get(i, 0) for i in ids],
             [parents.get(i, []) for i in ids], failures, block_kind, last_error, result, body,
+            *usage.of_tasks(conn, ids),
         ])
     table.close()
     return phases
@@ -410,7 +425,8 @@ def _count_phase(phases: dict[str, dict[str, Any]], phase: str, status: str, cre
         entry["last_completed_at"] = completed
 
 
-def _write_runs(conn: Connection, staged: file_set.FileSet, phase_of: Mapping[str, str]) -> None:
+def _write_runs(conn: Connection, staged: file_set.FileSet, phase_of: Mapping[str, str],
+                usage: UsageColumns) -> None:
     r = task_runs.c
     query = select(
         r.id, r.task_id, r.profile, r.step_key, r.status, r.outcome, r.started_at, r.ended_at,
@@ -423,7 +439,7 @@ def _write_runs(conn: Connection, staged: file_set.FileSet, phase_of: Mapping[st
         table.write([
             ids, task_ids, [phase_of.get(t, NO_PHASE) for t in task_ids], profile, step_key, status,
             outcome, cells.times(started), cells.times(ended), duration, cells.times(heartbeat), claim_lock, worker_pid,
-            summary, error, metadata,
+            summary, error, metadata, *usage.of_runs(ids),
         ])
     table.close()
 
