@@ -19,6 +19,7 @@ from sparkops.meters.reported import Reported
 from sparkops.meters.sample import Sample
 from sparkops.meters.spend import Prices
 from sparkops.sprint import costs
+from sparkops.sprint.export import read_csv_rows
 from sparkops.storage.store import open_store
 
 BOARD, REVIEW = "pages/1_Board.py", "pages/4_Sprint_review.py"
@@ -162,3 +163,34 @@ def test_unmeasured_is_said_never_zero(app_env, monkeypatch):
     at.button(key=f"open_{task_id}").click().run()
     [usage] = [m.value for m in at.markdown if m.value.startswith("**Usage**")]
     assert usage.startswith("**Usage**: not measured.")
+
+
+def test_the_reviews_export_downloads_carry_the_figures(spent_board, app_env, monkeypatch):
+    """Export now on the Sprint review, then its runs.csv and tasks.csv downloads: the
+    figures come back as they were kept (an unmetered task's cells empty)."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    sent: dict[str, object] = {}
+    original = MediaFileManager.add_deferred
+
+    def spy(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        sent[file_name] = data_callable
+        return original(self, data_callable, mimetype, coordinates, file_name=file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
+    monkeypatch.setenv("SPARKOPS_REVIEW_MODEL_URL", "")
+    at = run_page(REVIEW)
+    at.button[1].click().run()  # Export now
+    assert not at.exception and at.success[0].value.startswith("export: ")
+    for name in ("runs.csv", "tasks.csv"):
+        (app_env / f"downloaded-{name}").write_bytes(sent[name]())
+    runs = {int(r["id"]): r for r in read_csv_rows(app_env / "downloaded-runs.csv")}
+    crashed, done, docs = (runs[int(spent_board[k])] for k in ("crashed", "done", "docs_run"))
+    assert (crashed["outcome"], crashed["prompt_tokens"], crashed["generation_tokens"]) == (
+        "crashed", "20000.0", "2000.0")
+    assert float(crashed["energy_wh"]) == pytest.approx(40) and float(done["energy_wh"]) == pytest.approx(60)
+    assert (docs["prompt_tokens"], docs["usage_reported"], docs["paid"]) == ("4000.0", "1", "0.5")
+    tasks = {r["id"]: r for r in read_csv_rows(app_env / "downloaded-tasks.csv")}
+    assert float(tasks[spent_board["api"]]["tokens"]) == 55_000  # both runs, the crashed try included
+    assert float(tasks[spent_board["api"]]["cost"]) == pytest.approx(0.1 * 0.30)
+    assert tasks[spent_board["idle"]]["tokens"] == "" and tasks[spent_board["idle"]]["energy_wh"] == ""
