@@ -158,8 +158,9 @@ class RunMeter:
             return None
         try:
             return self.meter.read()
-        except OSError as exc:  # the readers say in the sample what failed; this is a surprise
-            log.warning("reading the meters failed: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - the readers say in the sample what failed; this
+            # is a surprise, and metering never fails a run
+            log.warning("reading the meters failed: %s: %s", type(exc).__name__, exc)
             return None
 
     def keep(self, *, ended: bool = False, taken: Sample | None = None) -> None:

@@ -331,7 +331,10 @@ def pipe(channel: paramiko.Channel, port: int, timeout: float) -> None:
     except (OSError, EOFError, paramiko.SSHException) as exc:
         log.debug("tunnel: a forwarded connection ended: %s", exc)
     finally:
-        channel.close()
+        try:
+            channel.close()  # over a transport that died with the server, this raises too
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            log.debug("tunnel: closing a forwarded channel: %s", exc)
         sock.close()
 
 
