@@ -6,11 +6,12 @@ and ops database whose usage was kept the way the shims keep it (samples through
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
-from conftest import make_settings, run_page
+from conftest import make_settings, run_cli, run_page
 
 from sparkops.board import model
 from sparkops.board import transitions as board
@@ -194,3 +195,31 @@ def test_the_reviews_export_downloads_carry_the_figures(spent_board, app_env, mo
     assert float(tasks[spent_board["api"]]["tokens"]) == 55_000  # both runs, the crashed try included
     assert float(tasks[spent_board["api"]]["cost"]) == pytest.approx(0.1 * 0.30)
     assert tasks[spent_board["idle"]]["tokens"] == "" and tasks[spent_board["idle"]]["energy_wh"] == ""
+
+
+def test_the_command_line_says_the_same(spent_board, app_env):
+    """`sparkops task show` and `sparkops costs`, real subprocesses on the same board."""
+    env = {"SPARKOPS_STORAGE_BOARD_URL": f"sqlite:///{app_env}/data/kanban.db",
+           "SPARKOPS_STORAGE_OPS_URL": f"sqlite:///{app_env}/data/sparkops.db",
+           "SPARKOPS_USAGE_ENERGY_PRICE_PER_KWH": "0.30", "SPARKOPS_USAGE_CURRENCY": "EUR"}
+    shown = run_cli("task", "show", spent_board["api"], cwd=app_env, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert ("  usage:     55k tokens (50,000 prompt + 5,000 generated), energy 100.0 Wh, GPU busy 0.17 h, "
+            "cost 0.030 EUR (2 metered runs)") in shown.stdout
+    as_json = json.loads(run_cli("task", "show", spent_board["api"], "--json", cwd=app_env, env=env).stdout)
+    assert as_json["usage"]["task"]["tokens"] == 55_000 and as_json["usage"]["currency"] == "EUR"
+    assert as_json["usage"]["runs"][spent_board["crashed"]]["energy_wh"] == pytest.approx(40)
+    idle = run_cli("task", "show", spent_board["idle"], cwd=app_env, env=env)
+    assert "usage:" not in idle.stdout  # never ran: nothing to say
+
+    costs_out = run_cli("costs", "--by", "outcome", "--json", cwd=app_env, env=env)
+    assert costs_out.returncode == 0, costs_out.stderr
+    found = json.loads(costs_out.stdout)
+    assert found["total"]["tokens"] == 60_000 and found["total"]["metered"] == 3
+    crashed = next(r for r in found["rows"] if r["outcome"] == "crashed")
+    assert crashed["energy_wh"] == pytest.approx(40) and crashed["tokens"] == 22_000
+    assert [r["task_id"] for r in found["most_expensive"]] == [spent_board["docs"], spent_board["api"]]
+    words = run_cli("costs", cwd=app_env, env=env)
+    assert "60k tokens" in words.stdout and "By phase:" in words.stdout
+    bad = run_cli("costs", "--hours", "0", cwd=app_env, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip() == "sparkops: error: --hours must be more than 0, got 0"

@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "export", ops.cmd_export, "write the board as CSV and JSON into export.dir (see docs/export.md)")
     p = add(sub, "metrics", ops.cmd_metrics, "sprint metrics over the review window")
     p.add_argument("--hours", type=float, help="the window (default: review.window_hours)")
+    p = add(sub, "costs", ops.cmd_costs, "what the window's runs spent: tokens, energy, GPU time, money")
+    p.add_argument("--hours", type=float, help="the window (default: review.window_hours)")
+    p.add_argument("--by", choices=["phase", "assignee", "outcome", "host"], default="phase",
+                   help="sum by this (default: phase)")
+    p.add_argument("--top", type=int, default=10, help="how many of the most expensive tasks (default 10)")
     phase = sub.add_parser("phase", help="the phases of the sprint; assign a task to one")
     psub = phase.add_subparsers(dest="phase_command", required=True, metavar="ACTION")
     add(psub, "list", ops.cmd_phase_list, "phases with their tasks and when they finished")

@@ -17,7 +17,7 @@ from sparkops.board import queries
 from sparkops.cli import output, tasks
 from sparkops.config import SETTINGS, Settings, load_secrets, load_settings, mask_url, mask_web_url
 from sparkops.core import formatting
-from sparkops.core.errors import NotFound
+from sparkops.core.errors import InvalidInput, NotFound
 from sparkops.jobs import hosts as fleet
 from sparkops.storage.store import Store, open_store
 
@@ -278,6 +278,53 @@ def cmd_metrics(args, store: Store) -> int:
                                phase_of={t: p.phase for t, p in mapping.items()}, **options)
     output.emit(args, computed.as_dict(series=False), lambda: [print(line) for line in computed.summary_lines()])
     return 0
+
+
+def cmd_costs(args, store: Store) -> int:
+    """What the window's runs spent (the Sprint review's "Where the GPU went")."""
+    from sparkops.board import phases
+    from sparkops.meters.spend import Prices, describe
+    from sparkops.sprint import costs
+
+    hours = args.hours if args.hours is not None else float(args.settings["review.window_hours"])
+    if hours <= 0:
+        raise InvalidInput(f"--hours must be more than 0, got {hours:g}")
+    if args.top < 1:
+        raise InvalidInput(f"--top must be at least 1, got {args.top}")
+    mapping = phases.resolve(store.board, store.ops, args.settings["review.phase_patterns"])
+    prices = Prices.of(args.settings)
+    found = costs.compute(store.board, store.ops, prices, phase_of={t: p.phase for t, p in mapping.items()},
+                          since=time.time() - hours * 3600)
+    by, top = costs.by(found, args.by), costs.most_expensive(found, args.top)
+
+    def records(frame) -> list[dict]:
+        return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+                for row in frame.to_dict(orient="records")]
+
+    def text() -> None:
+        print(f"Runs since {time.strftime('%Y-%m-%d %H:%M', time.localtime(found.since))} ({hours:g} h): "
+              f"{describe(found.total, prices)}")
+        if not found.measured_any:
+            return
+        print(f"\nBy {args.by}:")
+        for row in records(by):
+            print(f"  {str(row[args.by]):<24} {row['runs']:>4} runs  "
+                  f"{describe(_spend_of(row), prices)}")
+        print("\nThe most expensive task:" if len(top) == 1 else f"\nThe {len(top)} most expensive tasks:")
+        for row in records(top):
+            print(f"  {row['task_id']}  {str(row['title'])[:50]:<50}  {describe(_spend_of(row), prices)}")
+    output.emit(args, {"hours": hours, "since": found.since, "currency": prices.currency,
+                       "total": found.total.as_dict(), "by": args.by, "rows": records(by),
+                       "most_expensive": records(top)}, text)
+    return 0
+
+
+def _spend_of(row: dict):
+    from dataclasses import fields
+
+    from sparkops.meters.spend import Spend
+
+    return Spend(**{f.name: row.get(f.name) for f in fields(Spend)})
 
 
 def cmd_phase_set(args, store: Store) -> int:

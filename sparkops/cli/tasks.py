@@ -17,7 +17,7 @@ from sparkops.cli import output, report
 from sparkops.core import formatting, procs
 from sparkops.core.errors import InvalidInput, SparkOpsError
 from sparkops.engine import handoff
-from sparkops.meters import ledger, reported
+from sparkops.meters import ledger, reported, spend
 from sparkops.storage.store import Store
 
 
@@ -76,6 +76,12 @@ def cmd_task_list(args, store: Store) -> int:
 
 def cmd_task_show(args, store: Store) -> int:
     detail = queries.task_detail(store.board, args.task_id)
+    prices = spend.Prices.of(args.settings)
+    runs_spend = {run_id: spend.Spend.of(u, prices)
+                  for run_id, u in ledger.of_runs(store.ops, [r["id"] for r in detail["runs"]]).items()}
+    task_spend = spend.total(runs_spend.values()) if runs_spend else None
+    detail["usage"] = {"currency": prices.currency, "task": task_spend.as_dict() if task_spend else None,
+                       "runs": {str(k): v.as_dict() for k, v in runs_spend.items()}}
 
     def text() -> None:
         t = detail["task"]
@@ -88,6 +94,8 @@ def cmd_task_show(args, store: Store) -> int:
         print(f"  completed: {formatting.when(t['completed_at'], seconds=False)}")
         if t["consecutive_failures"]:
             print(f"  failures:  {t['consecutive_failures']} ({t['last_failure_error'] or ''})")
+        if detail["runs"]:
+            print(f"  usage:     {spend.describe(task_spend, prices)}")
         if detail["parents"]:
             print(f"  parents:   {', '.join(detail['parents'])}")
         if detail["children"]:

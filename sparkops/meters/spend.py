@@ -146,3 +146,22 @@ def money_text(amount: float | None, currency: str) -> str:
     if amount is None:
         return "no price"
     return f"{amount:,.2f} {currency}" if amount >= 0.995 else f"{amount:.3f} {currency}"
+
+
+def describe(spend: Spend | None, prices: Prices) -> str:
+    """One line of plain words about what runs spent, for the command line."""
+    if spend is None or not spend.metered:
+        return "not measured (no run was metered, and no agent reported its usage)"
+    def count(value: float | None) -> str:
+        return "not measured" if value is None else f"{value:,.0f}"
+    words = [f"{tokens_text(spend.tokens)} ({count(spend.prompt_tokens)} prompt + "
+             f"{count(spend.generation_tokens)} generated)", f"energy {energy_text(spend.energy_wh)}",
+             "GPU busy " + ("not measured" if spend.gpu_seconds is None else f"{spend.gpu_seconds / 3600:.2f} h")]
+    if spend.cost is not None:
+        words.append(f"cost {money_text(spend.cost, prices.currency)}")
+    if spend.api_cost is not None:
+        words.append(f"on a hosted API {money_text(spend.api_cost, prices.currency)}")
+    runs = f"{spend.metered} metered run{'s' if spend.metered != 1 else ''}"
+    notes = [runs] + ([f"{spend.estimated} estimated"] if spend.estimated else []) + (
+        [f"{spend.reported} reported by the agent"] if spend.reported else [])
+    return ", ".join(words) + f" ({'; '.join(notes)})"
