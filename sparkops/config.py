@@ -294,7 +294,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "gpu.sample_retention_days", "float", 7.0,
-        "GPU samples older than this are deleted.",
+        "GPU samples older than this are deleted, and so are the runs' meter samples that no "
+        "open run still needs (each run's usage is kept with the run).",
         minimum=0.01,
     ),
     Setting(

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from sqlalchemy import select
 
 from sparkops.meters import gpu, ledger
 from sparkops.meters.nvml_fake import FakeDevice, FakeNvml
 from sparkops.meters.sample import Sample
 from sparkops.meters.sample import read as read_sample
 from sparkops.meters.usage import Usage, attribute, increase
+from sparkops.storage.schema import ops_meter_samples
 
 
 class Counters:
@@ -263,3 +265,23 @@ def test_a_heartbeat_adds_its_stretch_and_agrees_with_counting_the_whole_run(sto
     end = ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(50.0, 2000, 2000.0), ended=True)
     assert end.prompt_tokens == pytest.approx(attribute(samples + [counted(50.0, 2000, 2000.0)],
                                                         {1: (0.0, 50.0), 2: (5.0, None)})[1].prompt_tokens)
+
+
+def test_old_samples_go_unless_an_open_run_still_needs_them(store):
+    ops = store.ops
+    ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(0.0, 0))
+    ledger.record(ops, run_id=1, task_id="t_a", host="h", sample=counted(10.0, 100), ended=True)
+    ledger.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(20.0, 200))   # still open
+    ledger.record(ops, run_id=2, task_id="t_b", host="h", sample=counted(30.0, 300))
+    ledger.record(ops, run_id=3, task_id="t_c", host="dead", sample=counted(5.0, 0))   # its worker died unseen
+    ledger.record(ops, run_id=4, task_id="t_d", host="other", sample=counted(1.0, 0))  # another host's, open
+    ledger.record(ops, run_id=4, task_id="t_d", host="other", sample=counted(26.0, 50))
+
+    def kept() -> list[tuple[str, float]]:
+        with ops.read() as conn:
+            return sorted(conn.execute(select(ops_meter_samples.c.host, ops_meter_samples.c.at)).all())
+    assert ledger.prune(ops, before=25.0) == 3  # run 1's two (ended), the dead worker's
+    assert kept() == [("h", 20.0), ("h", 30.0), ("other", 1.0), ("other", 26.0)]  # runs 2 and 4 from their first
+    assert ledger.of_runs(ops, [1])[1].prompt_tokens == 100  # an ended run's usage stays with it
+    ledger.close(ops, 2)
+    assert ledger.prune(ops, before=25.0) == 1 and kept() == [("h", 30.0), ("other", 1.0), ("other", 26.0)]

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from sparkops.config import Settings
@@ -73,6 +73,20 @@ def record(db: Database, *, run_id: int, task_id: str, host: str, sample: Sample
         conn.execute(update(ops_run_usage).where(ops_run_usage.c.run_id == run_id).values(
             last_at=sample.at, ended=int(ended), data=json.dumps(usage.as_dict())))
     return usage
+
+
+def prune(db: Database, *, before: float) -> int:
+    """Delete the samples taken before ``before`` that no open run still needs (an
+    open run's usage is counted again from its first sample at its end); an ended
+    run's usage is kept in its row. A row not ended whose latest sample is older
+    than ``before`` (its worker died unseen) pins nothing. Returns how many went."""
+    samples, usage = ops_meter_samples.c, ops_run_usage.c
+    oldest_open = (select(func.min(usage.first_at))
+                   .where(usage.host == samples.host, usage.ended == 0, usage.last_at >= before)
+                   .scalar_subquery())
+    with db.write() as conn:
+        return conn.execute(delete(ops_meter_samples).where(
+            samples.at < before, or_(oldest_open.is_(None), samples.at < oldest_open))).rowcount
 
 
 def close(db: Database, run_id: int) -> bool:
@@ -149,6 +163,7 @@ class RunMeter:
         self.meter = Meter.of(settings)
         self.db, self.run_id, self.task_id, self.host = db, run_id, task_id, host
         self.stale_after = 3 * settings["dispatch.heartbeat_seconds"]
+        self.retention = float(settings["gpu.sample_retention_days"]) * 86400
         self.lock = threading.Lock()  # the shim's listener thread ends it at the agent's report
         self.kept = False  # a sample of this run is kept
         self.ended = False
@@ -176,6 +191,8 @@ class RunMeter:
                 record(self.db, run_id=self.run_id, task_id=self.task_id, host=self.host, sample=taken,
                        ended=ended, stale_after=self.stale_after)
                 self.kept = True
+                if ended:  # the host's samples that no open run needs any more, past their retention
+                    prune(self.db, before=taken.at - self.retention)
             except (DBAPIError, SparkOpsError) as exc:
                 log.warning("keeping run %d's usage failed: %s", self.run_id, exc)
 
