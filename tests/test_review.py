@@ -14,7 +14,10 @@ from conftest import NOW, make_settings
 from sqlalchemy import select
 
 from sparkops.board import transitions as board
+from sparkops.board.model import Outcome
 from sparkops.jobs.framework import JobContext
+from sparkops.meters import ledger
+from sparkops.meters.sample import Sample
 from sparkops.runner.registry import run_job
 from sparkops.storage.schema import ops_alerts, ops_reports
 from sparkops.storage.store import open_store
@@ -158,3 +161,40 @@ def test_promotion_of_the_next_phase_when_configured(tmp_path):
     board.complete(ctx.store.board, first, result="ok", now=NOW - 50)
     result = run_job(ctx, "review", now=NOW)
     assert result.details["boundaries"][0]["promoted"] == [parked]
+
+
+def test_the_report_says_what_the_window_cost(tmp_path):
+    """Its cost section: the window's runs' tokens and energy by phase and outcome, the
+    costliest tasks by id; a board whose runs were never metered says so."""
+    ctx = make_ctx(tmp_path, SPARKOPS_REVIEW_MODEL_URL="", SPARKOPS_USAGE_ENERGY_PRICE_PER_KWH="0.5")
+    db, ops = ctx.store.board, ctx.store.ops
+    unmetered = run_job(ctx, "review", now=NOW)
+    assert "## Cost\n\n- Runs in the window: 0; not measured" in report_markdown(ctx, unmetered)
+
+    task = board.create_task(db, "[P1] build", now=NOW - 7000)
+    for n, (outcome, wh) in enumerate((("crashed", 30.0), ("completed", 70.0))):
+        at = NOW - 6000 + n * 2000
+        run = board.claim(db, task, lock="h:1", now=at).run_id
+        base = 1_000_000.0 * (n + 1)
+        ledger.record(ops, run_id=run, task_id=task, host="h", sample=Sample(
+            at=at, prompt_tokens=base, energy_j=base, sources={"vllm": "ok", "gpu": "ok"}))
+        ledger.record(ops, run_id=run, task_id=task, host="h", ended=True, sample=Sample(
+            at=at + 900, prompt_tokens=base + 10_000, energy_j=base + wh * 3600, sources={"vllm": "ok", "gpu": "ok"}))
+        if outcome == "crashed":
+            board.fail(db, task, run_id=run, outcome=Outcome.CRASHED, error="x", failure_limit=5, now=at + 900)
+        else:
+            board.complete(db, task, run_id=run, result="ok", now=at + 900)
+    markdown = report_markdown(ctx, run_job(ctx, "review", now=NOW))
+    cost = markdown.split("## Cost\n\n", 1)[1].split("\n## ", 1)[0]
+    assert cost.startswith("- Runs in the window: 2; 20k tokens (20,000 prompt + not measured generated), "
+                           "energy 100.0 Wh, GPU busy not measured, cost 0.050 USD (2 metered runs)")
+    assert "| P1 | 2 | 20k tokens | 100.0 Wh | 0.050 USD |" in cost
+    assert "| crashed | 1 | 10k tokens | 30.0 Wh | 0.015 USD |" in cost  # what the failed try wasted
+    assert f"Costliest tasks: {task} (20k tokens, 100.0 Wh)" in cost
+
+
+def report_markdown(ctx, result) -> str:
+    assert result.ok, result.error
+    with ctx.store.ops.read() as conn:
+        return conn.execute(select(ops_reports.c.markdown).where(
+            ops_reports.c.id == result.details["report_id"])).scalar_one()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -35,7 +36,8 @@ from sparkops.board import phases
 from sparkops.config import Settings
 from sparkops.core.clock import epoch
 from sparkops.jobs.framework import JobContext, JobReport
-from sparkops.sprint import measure, metrics
+from sparkops.meters.spend import Prices, describe, energy_text, money_text, tokens_text
+from sparkops.sprint import costs, measure, metrics
 from sparkops.storage.schema import ops_events, ops_reports
 from sparkops.watch import alerts
 
@@ -72,7 +74,10 @@ def run(ctx: JobContext, *, now: float | None = None) -> JobReport:
     phase_rows = phases.summary(ctx.store.board, mapping)
     previous = _last_review_at(ctx)
     since_last = phases.recorded(ctx.store.ops, after=previous)
-    facts = render(computed, phase_rows, since_last, now=ts)
+    spent = costs.compute(ctx.store.board, ctx.store.ops, Prices.of(settings),
+                          phase_of={t: p.phase for t, p in mapping.items()},
+                          since=ts - float(settings["review.window_hours"]) * 3600)
+    facts = render(computed, phase_rows, since_last, now=ts, spent=spent)
     narrative = narrate(settings, facts)
     markdown = facts + "\n## Narrative\n\n" + (
         narrative.text if narrative.status == "ok" else f"_No narrative: {narrative.text}_") + "\n"
@@ -96,7 +101,7 @@ def _last_review_at(ctx: JobContext) -> int | None:
 
 
 def render(computed: metrics.Metrics, phase_rows: list[dict[str, Any]],
-           boundaries: list[phases.Boundary], *, now: int) -> str:
+           boundaries: list[phases.Boundary], *, now: int, spent: costs.Costs | None = None) -> str:
     """The deterministic part of the report."""
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now))
     lines = [f"# Sprint review, {when}", "", "## Summary", ""]
@@ -118,7 +123,39 @@ def render(computed: metrics.Metrics, phase_rows: list[dict[str, Any]],
               for b in boundaries] or ["- none"]
     lines += ["", "## Risks", ""]
     lines += [f"- {r}" for r in computed.risk_lines()] or ["- none"]
+    if spent is not None:
+        lines += ["", "## Cost", "", *cost_lines(spent)]
     return "\n".join(lines) + "\n"
+
+
+def cost_lines(spent: costs.Costs) -> list[str]:
+    """The report's cost section: what the window's runs spent, by phase and outcome,
+    and the costliest tasks (by id: a title is another tool's text)."""
+    total, prices = spent.total, spent.prices
+    lines = [f"- Runs in the window: {total.runs}; {describe(total, prices)}"]
+    if not spent.measured_any:
+        return lines
+    for key in ("phase", "outcome"):
+        lines += ["", f"| {key} | runs | tokens | energy | cost |", "|---|---|---|---|---|"]
+        for row in costs.by(spent, key).to_dict(orient="records"):
+            lines.append(f"| {_cell(row[key])} | {row['runs']} | {tokens_text(_known(row['tokens']))} "
+                         f"| {energy_text(_known(row['energy_wh']))} "
+                         f"| {money_text(_known(row['cost']), prices.currency)} |")
+    top = costs.most_expensive(spent, 3)
+    if len(top):
+        lines += ["", "Costliest tasks: " + ", ".join(
+            f"{row['task_id']} ({tokens_text(_known(row['tokens']))}, {energy_text(_known(row['energy_wh']))})"
+            for row in top.to_dict(orient="records"))]
+    return lines
+
+
+def _cell(value: Any) -> str:
+    """A phase name or an outcome (text other tools may have written) as a plain table cell."""
+    return re.sub(r"[^\w .:()/-]", "?", str(value))[:60]
+
+
+def _known(value: Any) -> float | None:
+    return None if value is None or value != value else float(value)  # NaN: not measured
 
 
 def narrate(settings: Settings, facts: str) -> Narrative:
