@@ -183,6 +183,23 @@ def app_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     config.set_option("server.address", previous)
 
 
+@pytest.fixture
+def downloads(monkeypatch):
+    """What the download buttons would send: file name -> the callable Streamlit
+    runs when one is clicked (the app registers it as deferred data)."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    seen: dict[str, object] = {}
+    original = MediaFileManager.add_deferred
+
+    def spy(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        seen[file_name] = data_callable
+        return original(self, data_callable, mimetype, coordinates, file_name=file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
+    return seen
+
+
 def run_page(path: str, timeout: float = 60):
     """Render one page of the app (``Home.py`` or ``pages/NAME.py``, under
     ``sparkops/app/``) with AppTest."""

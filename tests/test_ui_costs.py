@@ -166,25 +166,15 @@ def test_unmeasured_is_said_never_zero(app_env, monkeypatch):
     assert usage.startswith("**Usage**: not measured.")
 
 
-def test_the_reviews_export_downloads_carry_the_figures(spent_board, app_env, monkeypatch):
+def test_the_reviews_export_downloads_carry_the_figures(spent_board, app_env, monkeypatch, downloads):
     """Export now on the Sprint review, then its runs.csv and tasks.csv downloads: the
     figures come back as they were kept (an unmetered task's cells empty)."""
-    from streamlit.runtime.media_file_manager import MediaFileManager
-
-    sent: dict[str, object] = {}
-    original = MediaFileManager.add_deferred
-
-    def spy(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
-        sent[file_name] = data_callable
-        return original(self, data_callable, mimetype, coordinates, file_name=file_name, **kwargs)
-
-    monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
     monkeypatch.setenv("SPARKOPS_REVIEW_MODEL_URL", "")
     at = run_page(REVIEW)
     at.button[1].click().run()  # Export now
     assert not at.exception and at.success[0].value.startswith("export: ")
     for name in ("runs.csv", "tasks.csv"):
-        (app_env / f"downloaded-{name}").write_bytes(sent[name]())
+        (app_env / f"downloaded-{name}").write_bytes(downloads[name]())
     runs = {int(r["id"]): r for r in read_csv_rows(app_env / "downloaded-runs.csv")}
     crashed, done, docs = (runs[int(spent_board[k])] for k in ("crashed", "done", "docs_run"))
     assert (crashed["outcome"], crashed["prompt_tokens"], crashed["generation_tokens"]) == (

@@ -44,23 +44,6 @@ def app_env(app_env, monkeypatch):
     return app_env
 
 
-@pytest.fixture
-def downloads(monkeypatch):
-    """What the download buttons would send: file name -> the callable Streamlit
-    runs when one is clicked (the app registers it as deferred data)."""
-    from streamlit.runtime.media_file_manager import MediaFileManager
-
-    seen: dict[str, object] = {}
-    original = MediaFileManager.add_deferred
-
-    def spy(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
-        seen[file_name] = data_callable
-        return original(self, data_callable, mimetype, coordinates, file_name=file_name, **kwargs)
-
-    monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
-    return seen
-
-
 def job_ctx(tmp_path: Path) -> JobContext:
     settings = make_settings(tmp_path, SPARKOPS_REVIEW_MODEL_URL="")
     return JobContext.create(settings, open_store(settings, create=True))

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from sparkops.config import Settings
-from sparkops.meters.usage import Usage
+from sparkops.meters.usage import Usage, add_known, sum_known
 
 WH_PER_KWH = 1000.0
 MILLION = 1_000_000.0
@@ -83,22 +83,16 @@ class Spend:
                    paid=paid, api_cost=api, metered=1, estimated=int(usage.estimated), reported=int(said is not None))
 
     def __add__(self, other: Spend) -> Spend:
-        def add(a: Any, b: Any) -> Any:
-            if a is None:
-                return b
-            return a if b is None else a + b
-        return Spend(**{f.name: add(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+        return Spend(**{name: add_known(getattr(self, name), getattr(other, name)) for name in _FIELDS})
 
     @property
     def tokens(self) -> float | None:
-        known = [t for t in (self.prompt_tokens, self.generation_tokens) if t is not None]
-        return sum(known) if known else None
+        return sum_known((self.prompt_tokens, self.generation_tokens))
 
     @property
     def cost(self) -> float | None:
         """What it cost: the energy at its price and what the agents paid; None if neither is known."""
-        known = [c for c in (self.energy_cost, self.paid) if c is not None]
-        return sum(known) if known else None
+        return sum_known((self.energy_cost, self.paid))
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tokens": self.tokens, "cost": self.cost}
@@ -110,11 +104,7 @@ def total(spends: Iterable[Spend]) -> Spend:
     spends = list(spends)
     if len(spends) < 2:
         return spends[0] if spends else Spend()
-    found = {}
-    for name in _FIELDS:
-        known = [v for s in spends if (v := getattr(s, name)) is not None]
-        found[name] = sum(known) if known else None
-    return Spend(**found)
+    return Spend(**{name: sum_known([getattr(s, name) for s in spends]) for name in _FIELDS})
 
 
 _FIELDS = tuple(f.name for f in fields(Spend))

@@ -18,7 +18,7 @@ some has it in ``unmeasured``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +27,17 @@ from sparkops.meters.reported import Reported
 from sparkops.meters.sample import COUNTERS, Sample
 
 JOULES_PER_WH = 3600.0
+
+
+def add_known(a: float | None, b: float | None) -> float | None:
+    """``a + b`` where both are known, else the known one; None when neither is."""
+    return b if a is None else a if b is None else a + b
+
+
+def sum_known(values: Iterable[float | None]) -> float | None:
+    """The sum of the known ``values``; None when none is known (not measured, never 0)."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 @dataclass
@@ -60,8 +71,7 @@ class Usage:
     @property
     def tokens(self) -> float | None:
         """Prompt and generated tokens together; None when neither is known."""
-        known = [t for t in (self.prompt, self.generated) if t is not None]
-        return sum(known) if known else None
+        return sum_known((self.prompt, self.generated))
 
     @property
     def energy_wh(self) -> float | None:
@@ -69,9 +79,8 @@ class Usage:
 
     def plus(self, later: Usage) -> Usage:
         """This usage followed by ``later`` (the stretches after it)."""
-        def add(a: float | None, b: float | None) -> float | None:
-            return b if a is None else a if b is None else a + b
-        return Usage(**{name: add(getattr(self, name), getattr(later, name)) for name in (*COUNTERS, "gpu_seconds")},
+        return Usage(**{name: add_known(getattr(self, name), getattr(later, name))
+                        for name in (*COUNTERS, "gpu_seconds")},
                      seconds=self.seconds + later.seconds, estimated=self.estimated or later.estimated,
                      resets=self.resets + later.resets, unmeasured=self.unmeasured | later.unmeasured,
                      reported=self.reported)
