@@ -216,7 +216,8 @@ def test_one_slot_meters_each_run_exactly_through_a_counter_reset(sprint, vllm):
         samples = s.samples_of(run_id)
         assert len(samples) >= 2 and all(x.sources == {"vllm": "ok", "gpu": "ok"} for x in samples)
         assert used.energy_j == pytest.approx(samples[-1].energy_j - samples[0].energy_j)  # the counter's delta
-        assert used.energy_j == pytest.approx(DEMO_ENERGY_WATTS * used.seconds, rel=0.02)  # at its known rate
+        # at its known rate; the counter and the sample's time are read a few milliseconds apart
+        assert used.energy_j == pytest.approx(DEMO_ENERGY_WATTS * used.seconds, rel=0.02, abs=DEMO_ENERGY_WATTS * 0.02)
         assert used.gpu_seconds == 0.0  # measured: the demo GB10 is idle without demo agents
         assert used.seconds == pytest.approx(samples[-1].at - samples[0].at)
     with s.store.ops.read() as conn:

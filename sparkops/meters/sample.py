@@ -10,6 +10,7 @@ why: a sample taken with no vLLM has no token counts (None, "not measured"), nev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,16 +63,21 @@ class Sample:
                    sources={str(k): str(v) for k, v in sources.items()} if isinstance(sources, dict) else {})
 
 
-def read(*, metrics_url: str | None, gpu: GpuSnapshot | None, timeout: float = 2.0,
-         now: float | None = None) -> Sample:
+def read(*, metrics_url: str | None, gpu: GpuSnapshot | Callable[[], GpuSnapshot] | None,
+         timeout: float = 2.0, now: float | None = None) -> Sample:
     """One sample: vLLM's counters from ``metrics_url`` (None: no vLLM to read) and
-    the GPUs' from ``gpu`` (a snapshot taken now; None: not read)."""
+    the GPUs' from ``gpu`` (a snapshot taken now, or the function that takes it;
+    None: not read). A function is called after vLLM answered, so that the energy
+    counter is read next to the sample's time: a slow ``/metrics`` does not stretch
+    the time between them."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if metrics_url is None:
         sources["vllm"] = "not configured"
     else:
         values.update(_vllm_counters(metrics_url, timeout, sources))
+    if callable(gpu):
+        gpu = gpu()
     if gpu is None:
         sources["gpu"] = "not read"
     elif not gpu.available:
@@ -134,7 +140,7 @@ class Meter:
                    gpu_remote=remote, settings=settings)
 
     def read(self, *, now: float | None = None) -> Sample:
-        snap = self._remote_gpus() if self.gpu_remote else gpu.snapshot(self.nvml)
+        snap = self._remote_gpus if self.gpu_remote else (lambda: gpu.snapshot(self.nvml))
         return read(metrics_url=self.metrics_url, gpu=snap, timeout=self.timeout, now=now)
 
     def _remote_gpus(self) -> GpuSnapshot:
